@@ -1,0 +1,143 @@
+"""Dual-Glow model tests: round trips, memory-saving backward, the condition is used, presets."""
+
+import copy
+
+import pytest
+import torch
+
+from medflow import DualGlow
+from medflow.presets import available_presets, load_preset
+from tests.test_flows import perturb
+
+
+def paired_batch(n, size=8, seed=0):
+    """Smooth random 'MRI' and a PET that is a nonlinear function of it plus a little noise."""
+    g = torch.Generator().manual_seed(seed)
+    mri = torch.randn(n, 1, size // 2, size // 2, size // 2, generator=g)
+    mri = torch.nn.functional.interpolate(mri, size=(size,) * 3, mode="trilinear", align_corners=False)
+    pet = 0.4 * torch.tanh(2.0 * mri) + 0.02 * torch.randn(mri.shape, generator=g)
+    return mri * 0.3, pet
+
+
+def trained_tiny(steps=4):
+    torch.manual_seed(0)
+    model = DualGlow.from_preset("tiny")
+    mri, pet = paired_batch(4)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(steps):
+        loss, _ = model.loss(pet, mri)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval(), mri, pet
+
+
+def test_both_flows_round_trip_after_training():
+    model, mri, pet = trained_tiny()
+    zs, _ = model.mri_flow(mri)
+    assert (model.mri_flow.inverse(zs) - mri).abs().max() < 1e-4
+    enc = model.mri_flow.encode(mri)
+    zs, _ = model.pet_flow(pet, enc.features)
+    assert (model.pet_flow.inverse(zs, enc.features) - pet).abs().max() < 1e-4
+
+
+def test_bf16_subnets_keep_round_trip_exact():
+    model, mri, pet = trained_tiny()
+    perturb(model, scale=0.05)
+    model.set_subnet_bf16(True)
+    enc = model.mri_flow.encode(mri)
+    zs, ld = model.pet_flow(pet, enc.features)
+    assert torch.isfinite(ld).all() and ld.dtype == torch.float32
+    assert (model.pet_flow.inverse(zs, enc.features) - pet).abs().max() < 1e-4
+
+
+def test_log_prob_terms_and_bits_per_voxel():
+    model, mri, pet = trained_tiny()
+    terms = model.log_prob(pet, mri)
+    for key in ("pet", "mri", "pet_bpv", "mri_bpv"):
+        assert terms[key].shape == (4,)
+    voxels = pet[0].numel()
+    expected = (-terms["pet"] / voxels + torch.log(torch.tensor(256.0))) / torch.log(torch.tensor(2.0))
+    assert torch.allclose(terms["pet_bpv"], expected)
+    loss, _ = model.loss(pet, mri)
+    assert torch.isclose(loss, -(terms["pet"] + 0.001 * terms["mri"]).mean() / voxels)
+
+
+def test_memory_saving_backward_matches_autograd():
+    model, mri, pet = trained_tiny()
+    perturb(model, scale=0.05)
+    model.train()
+    grads = {}
+    for recompute in (False, True):
+        m = copy.deepcopy(model)
+        m.set_recompute(recompute)
+        loss, _ = m.loss(pet, mri)
+        loss.backward()
+        grads[recompute] = {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
+    assert grads[False].keys() == grads[True].keys() and len(grads[True]) > 0
+    for name, g in grads[False].items():
+        scale = g.abs().max().clamp_min(1.0)
+        assert (g - grads[True][name]).abs().max() <= 1e-5 * scale, name
+
+
+def test_sample_shapes_temperature_zero_is_deterministic():
+    model, mri, _ = trained_tiny()
+    draws = model.sample(mri[:2], temperature=0.7, n=3, generator=torch.Generator().manual_seed(1))
+    assert draws.shape == (3, 2, 1, 8, 8, 8)
+    assert not torch.equal(draws[0], draws[1])
+    again = model.sample(mri[:2], temperature=0.7, n=3, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(draws, again)
+    mean = model.sample(mri[:2], temperature=0.0, n=2)
+    assert torch.equal(mean[0], mean[1])
+
+
+def fit_bits(condition_is_noise: bool, steps=250):
+    torch.manual_seed(0)
+    model = DualGlow.from_preset("tiny")
+    mri, pet = paired_batch(16, seed=1)
+    test_mri, test_pet = paired_batch(8, seed=2)
+    g = torch.Generator().manual_seed(5)
+    if condition_is_noise:
+        mri = 0.3 * torch.randn(mri.shape, generator=g)
+        test_mri = 0.3 * torch.randn(test_mri.shape, generator=g)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for step in range(steps):
+        idx = torch.randint(0, 16, (4,), generator=g)
+        loss, _ = model.loss(pet[idx], mri[idx])
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
+        opt.step()
+    model.eval()
+    with torch.no_grad():
+        return model.log_prob(test_pet, test_mri)["pet_bpv"].mean().item()
+
+
+def test_condition_is_used():
+    real = fit_bits(condition_is_noise=False)
+    noise = fit_bits(condition_is_noise=True)
+    assert real < noise - 0.5, (real, noise)
+
+
+@pytest.mark.parametrize("name", available_presets())
+def test_presets_load_and_build(name):
+    preset = load_preset(name)
+    assert {"model", "data", "train"} <= set(preset)
+    if name == "dualglow3d":
+        with torch.device("meta"):
+            model = DualGlow.from_preset(name)
+        assert [len(level.steps) for level in model.pet_flow.levels] == [16, 16, 16, 16]
+        print(f"dualglow3d parameters: {model.num_parameters():,}")
+    else:
+        assert DualGlow.from_preset(name).num_parameters() > 0
+
+
+def test_overrides_and_bad_options():
+    from medflow.errors import ModelError
+
+    model = DualGlow.from_preset("tiny", steps=[1, 1, 1], prior="mean", mri_channels=2)
+    assert model.config.levels == 3 and model.divisor == 8
+    with pytest.raises(ModelError, match="unknown model option"):
+        DualGlow.from_preset("tiny", widht=3)
+    with pytest.raises(ModelError, match="unknown preset"):
+        DualGlow.from_preset("nope")
