@@ -1,0 +1,132 @@
+"""The demo-data recipe: files, manifest, tissue contrast, disease pattern, determinism, reuse."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from medflow.demo_data import COLUMNS, make_demo_dataset, make_demo_subject
+from medflow.errors import OutputError
+
+SPACING = 8.0
+DX = ["CN", "AD", "AD"]
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    """A 3-subject dataset at 8 mm (CN, AD, AD; the last one held out) and its manifest rows."""
+    out = tmp_path_factory.mktemp("demo")
+    csv_path = make_demo_dataset(out, 3, seed=7, spacing=SPACING, heldout=1, dx=DX)
+    with open(csv_path, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    return csv_path, rows
+
+
+def load(csv_path, value):
+    image = nib.load(csv_path.parent / value)
+    return image, np.asarray(image.dataobj)
+
+
+def test_files_and_manifest(dataset):
+    csv_path, rows = dataset
+    assert csv_path.name == "manifest.csv"
+    assert tuple(rows[0]) == COLUMNS
+    assert [r["subject"] for r in rows] == ["sub-001", "sub-002", "sub-003"]
+    assert [r["split"] for r in rows] == ["train", "train", "test"]
+    assert [r["dx"] for r in rows] == DX
+    for row in rows:
+        assert 55.0 <= float(row["age"]) <= 90.0 and row["sex"] in ("M", "F")
+        images = {c: load(csv_path, row[c]) for c in ("mri", "t2", "pet", "mask")}
+        assert row["mri"] == f"{row['subject']}_t1.nii.gz"
+        reference = images["mri"][0]
+        assert np.allclose(np.diag(reference.affine)[:3], SPACING)
+        for column, (image, data) in images.items():
+            assert data.ndim == 3 and data.shape == reference.shape
+            assert np.allclose(image.affine, reference.affine)
+            assert data.dtype == (np.uint8 if column == "mask" else np.float32)
+            assert np.isfinite(data).all()
+        mask = images["mask"][1].astype(bool)
+        assert set(np.unique(mask)) == {False, True}
+        for column in ("mri", "t2", "pet"):
+            data = images[column][1]
+            assert data.min() >= 0 and data[mask].mean() > 5 * data[~mask].mean()
+        assert 0.8 < images["pet"][1][mask].mean() < 1.8
+
+
+def test_saved_volumes_match_simulation(dataset):
+    csv_path, rows = dataset
+    subject = make_demo_subject(1, seed=7, spacing=SPACING, dx="AD")
+    assert np.array_equal(load(csv_path, rows[1]["pet"])[1], subject.pet)
+    assert np.array_equal(load(csv_path, rows[1]["t2"])[1], subject.t2)
+    assert subject.age == float(rows[1]["age"]) and subject.sex == rows[1]["sex"]
+
+
+def test_pet_tissue_contrast():
+    for index in range(3):
+        subject = make_demo_subject(index, seed=3, spacing=SPACING)
+        gm, wm, csf = (subject.pet[getattr(subject, t) > 0.6].mean() for t in ("gm", "wm", "csf"))
+        assert gm > wm > csf
+
+
+def test_alzheimer_hypometabolism():
+    def pattern_ratio(subject):
+        cortex = subject.gm > 0.5
+        region = subject.hypometabolism > 0.5
+        return subject.pet[cortex & region].mean() / subject.pet[cortex & ~region].mean()
+
+    for index in range(3):
+        healthy = make_demo_subject(index, seed=11, spacing=SPACING, dx="CN")
+        patient = make_demo_subject(index, seed=11, spacing=SPACING, dx="AD")
+        assert pattern_ratio(patient) < pattern_ratio(healthy) - 0.05
+        assert patient.age == healthy.age and np.array_equal(patient.lesions, healthy.lesions)
+
+
+def test_lesions_lower_pet_and_show_in_flair_only():
+    subject = make_demo_subject(0, seed=5, spacing=4.0, dx="CN")
+    lesion = subject.lesions > 0.5
+    clean = (subject.wm > 0.9) & (subject.lesions < 0.01)
+    assert lesion.sum() > 5
+    assert subject.t2[lesion].mean() > 1.2 * subject.t2[clean].mean()
+    assert subject.pet[lesion].mean() < subject.pet[clean].mean()
+    assert abs(subject.t1[lesion].mean() / subject.t1[clean].mean() - 1) < 0.1
+
+
+def test_deterministic_per_seed():
+    first = make_demo_subject(2, seed=4, spacing=SPACING)
+    again = make_demo_subject(2, seed=4, spacing=SPACING)
+    other = make_demo_subject(2, seed=5, spacing=SPACING)
+    for name in ("t1", "t2", "pet", "mask"):
+        assert np.array_equal(getattr(first, name), getattr(again, name))
+    assert not np.array_equal(first.pet, other.pet)
+
+
+def test_rerun_reuses_and_refuses_a_different_dataset(dataset):
+    csv_path, _ = dataset
+    files = sorted(csv_path.parent.iterdir())
+    stamps = {p: p.stat().st_mtime_ns for p in files}
+    assert make_demo_dataset(csv_path.parent, 3, seed=7, spacing=SPACING, heldout=1, dx=DX) == csv_path
+    assert {p: p.stat().st_mtime_ns for p in sorted(csv_path.parent.iterdir())} == stamps
+    with pytest.raises(OutputError):
+        make_demo_dataset(csv_path.parent, 3, seed=8, spacing=SPACING, heldout=1, dx=DX)
+    assert {p: p.stat().st_mtime_ns for p in sorted(csv_path.parent.iterdir())} == stamps
+
+
+def test_overwrite_replaces_and_interrupted_run_completes(tmp_path):
+    make_demo_dataset(tmp_path, 3, seed=1, spacing=SPACING)
+    make_demo_dataset(tmp_path, 2, seed=2, spacing=SPACING, overwrite=True)
+    assert sorted(p.name for p in tmp_path.glob("sub-*")) == [f"sub-00{i}_{m}.nii.gz" for i in (1, 2)
+                                                             for m in ("mask", "pet", "t1", "t2")]
+    params = json.loads((tmp_path / "demo.json").read_text())
+    assert params["complete"] and params["parameters"]["seed"] == 2
+
+    (tmp_path / "sub-002_pet.nii.gz").unlink()
+    (tmp_path / "demo.json").write_text(json.dumps({**params, "complete": False}))
+    kept = (tmp_path / "sub-001_pet.nii.gz").stat().st_mtime_ns
+    make_demo_dataset(tmp_path, 2, seed=2, spacing=SPACING)
+    assert (tmp_path / "sub-002_pet.nii.gz").exists()
+    assert (tmp_path / "sub-001_pet.nii.gz").stat().st_mtime_ns == kept
+    assert json.loads((tmp_path / "demo.json").read_text())["complete"]
