@@ -141,6 +141,10 @@ class DualGlow(nn.Module):
             "mri_bpv": bits_per_voxel(lp_mri, mri, n),
         }
 
+    def forward(self, pet: torch.Tensor, mri: torch.Tensor):
+        """The training loss (see ``loss``); the entry point used through DistributedDataParallel."""
+        return self.loss(pet, mri)
+
     def loss(self, pet: torch.Tensor, mri: torch.Tensor):
         """Training loss in nats per PET voxel, and the ``log_prob`` terms."""
         terms = self.log_prob(pet, mri)

@@ -1,0 +1,112 @@
+"""Checkpoints as data, never code: atomic, checksummed, loaded with ``weights_only=True``.
+
+A run folder holds ``config.json`` (model config, preprocessing, training options, QC
+statistics, versions) and ``checkpoints/step-NNNNNNN.pt`` files, each with a
+``.sha256`` sidecar, plus ``best.pt`` (best validation NLL) and ``final.pt``. Only the
+newest ``keep`` step checkpoints are kept. A file whose checksum does not match is
+skipped in favour of the previous one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import pickle
+from pathlib import Path
+
+import torch
+
+from medflow.errors import ModelError, OutputError
+
+CHECKPOINT_DIR = "checkpoints"
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise OutputError(f"{path}: cannot write checkpoint ({exc.strerror or exc})") from None
+
+
+def save_state(path: Path, state: dict) -> None:
+    """Write ``state`` (tensors, numbers, strings, lists, dicts) atomically with a checksum sidecar."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    data = buffer.getvalue()
+    _write_atomic(path, data)
+    _write_atomic(path.with_name(path.name + ".sha256"), (sha256_bytes(data) + "\n").encode())
+
+
+def load_state(path: Path, map_location="cpu") -> dict:
+    """Load a checkpoint written by ``save_state``; refuses anything that is not plain data."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ModelError(f"{path}: cannot read checkpoint ({exc.strerror or exc})") from None
+    sidecar = path.with_name(path.name + ".sha256")
+    if sidecar.exists() and sidecar.read_text().strip() != sha256_bytes(data):
+        raise ModelError(f"{path}: checksum mismatch (file corrupted or truncated)")
+    try:
+        state = torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else "unsupported content"
+        raise ModelError(f"{path}: refused to load: not plain data ({first[:160]})") from None
+    except Exception as exc:  # torch raises many types for corrupt archives
+        raise ModelError(f"{path}: corrupt checkpoint ({type(exc).__name__})") from None
+    if not isinstance(state, dict):
+        raise ModelError(f"{path}: not a medflow checkpoint")
+    return state
+
+
+def step_checkpoints(run_dir: Path) -> list[Path]:
+    """Step checkpoints of a run, newest first."""
+    return sorted((Path(run_dir) / CHECKPOINT_DIR).glob("step-*.pt"), reverse=True)
+
+
+def save_step(run_dir: Path, step: int, state: dict, keep: int = 2) -> Path:
+    folder = Path(run_dir) / CHECKPOINT_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"step-{step:07d}.pt"
+    save_state(path, state)
+    for old in step_checkpoints(run_dir)[keep:]:
+        old.unlink(missing_ok=True)
+        old.with_name(old.name + ".sha256").unlink(missing_ok=True)
+    return path
+
+
+def latest_valid_step(run_dir: Path, warn=None) -> tuple[Path, dict] | None:
+    """The newest step checkpoint that verifies and loads; ``warn(msg)`` hears about skipped ones."""
+    for path in step_checkpoints(run_dir):
+        try:
+            return path, load_state(path)
+        except ModelError as exc:
+            if warn:
+                warn(f"skipping {exc}")
+    return None
+
+
+def write_config(run_dir: Path, config: dict) -> None:
+    _write_atomic(Path(run_dir) / "config.json", (json.dumps(config, indent=2) + "\n").encode())
+
+
+def read_config(run_dir: Path) -> dict:
+    path = Path(run_dir) / "config.json"
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ModelError(f"{run_dir}: not a medflow model folder (no config.json)") from None
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ModelError(f"{path}: unreadable ({exc})") from None

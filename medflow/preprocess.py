@@ -1,0 +1,147 @@
+"""MONAI preprocessing shared by training and synthesis, and its stored parameters.
+
+Stage 1 (deterministic, cached during training): load -> channel first -> RAS ->
+resample to ``spacing`` mm -> crop to the MRI foreground box (+ margin).
+Stage 2: pad/crop to the model ``grid`` (a multiple of 2^levels) -> [training only:
+small random affine] -> MRI scaled per volume so that its 0th..99.5th percentiles map to
+[-0.5, 0.5] (clipped) -> PET divided by the training set's ``pet_scale`` and shifted by
+-0.5 -> [training only: MRI intensity jitter and noise]. Synthesis runs both stages on
+the MRI and inverts stage 1 and the padding on the synthetic PET with MONAI's ``Invertd``
+(trilinear, not nearest neighbour), which puts the PET back on the input's own grid.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+from monai.data import MetaTensor
+from monai.transforms import (
+    Compose,
+    CropForegroundd,
+    MapTransform,
+    Orientationd,
+    RandAffined,
+    RandGaussianNoised,
+    RandScaleIntensityd,
+    RandShiftIntensityd,
+    ResizeWithPadOrCropd,
+    ScaleIntensityRanged,
+    ScaleIntensityRangePercentilesd,
+    Spacingd,
+)
+
+from medflow.errors import InputError
+from medflow.imageio import Volume, read_volume
+
+FOREGROUND_FRACTION = 0.1
+MRI_PERCENTILES = (0.0, 99.5)
+
+
+@dataclass
+class Preprocessing:
+    """Everything synthesis needs to repeat training's preprocessing exactly.
+
+    spacing: voxel size in mm; grid: model input size in voxels (multiples of 2^levels);
+    pet_scale: PET units mapped to 1.0 (robust maximum over the training set); margin:
+    voxels kept around the MRI foreground box.
+    """
+
+    spacing: tuple[float, float, float]
+    grid: tuple[int, int, int]
+    pet_scale: float = 1.0
+    margin: int = 2
+
+    def to_dict(self) -> dict:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "Preprocessing":
+        return cls(tuple(float(s) for s in values["spacing"]), tuple(int(g) for g in values["grid"]),
+                   float(values["pet_scale"]), int(values.get("margin", 2)))
+
+
+def is_foreground(image: torch.Tensor) -> torch.Tensor:
+    """Voxels above 10 % of the image's 99th percentile (the MRI head/brain box)."""
+    flat = image.flatten().float()
+    sample = flat[:: max(1, flat.numel() // 200_000)]
+    threshold = FOREGROUND_FRACTION * torch.quantile(sample, 0.99)
+    return image > threshold
+
+
+def volume_to_metatensor(volumes: list[Volume]) -> MetaTensor:
+    """Stack co-registered volumes as channels: [C, X, Y, Z] with the first one's affine."""
+    first = volumes[0]
+    for other in volumes[1:]:
+        if other.data.shape != first.data.shape or not np.allclose(other.affine, first.affine, atol=1e-4):
+            raise InputError(f"{other.path}: grid differs from {first.path}; modalities must be co-registered")
+    data = np.stack([v.data for v in volumes]).astype(np.float32)
+    return MetaTensor(torch.from_numpy(data), affine=torch.as_tensor(first.affine, dtype=torch.float64),
+                      meta={"filename_or_obj": str(first.path)})
+
+
+class LoadVolumesd(MapTransform):
+    """Read the file(s) under each key with medflow's validating reader into a MetaTensor."""
+
+    def __call__(self, data):
+        d = dict(data)
+        for key in self.key_iterator(d):
+            paths = d[key] if isinstance(d[key], (list, tuple)) else [d[key]]
+            d[key] = volume_to_metatensor([read_volume(p, what=key.upper()) for p in paths])
+        return d
+
+
+def stage1(spacing, margin: int, keys=("mri", "pet"), load: bool = True) -> Compose:
+    """Load (optional), reorient to RAS, resample, crop to the MRI foreground box."""
+    keys = list(keys)
+    steps = [LoadVolumesd(keys)] if load else []
+    steps += [
+        Orientationd(keys, axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S"))),
+        Spacingd(keys, pixdim=spacing, mode="bilinear", padding_mode="zeros"),
+        CropForegroundd(keys, source_key="mri", select_fn=is_foreground, margin=margin, allow_smaller=True),
+    ]
+    return Compose(steps)
+
+
+def scale_mri() -> ScaleIntensityRangePercentilesd:
+    lower, upper = MRI_PERCENTILES
+    return ScaleIntensityRangePercentilesd("mri", lower=lower, upper=upper, b_min=-0.5, b_max=0.5,
+                                           clip=True, channel_wise=True)
+
+
+def stage2(prep: Preprocessing, train: bool, keys=("mri", "pet")) -> Compose:
+    """Pad/crop to the grid and scale intensities; with ``train``, add augmentation."""
+    keys = list(keys)
+    steps = [ResizeWithPadOrCropd(keys, spatial_size=prep.grid, mode="constant")]
+    if train:
+        steps.append(RandAffined(keys, prob=0.5, rotate_range=(0.05, 0.05, 0.05), scale_range=(0.05, 0.05, 0.05),
+                                 mode="bilinear", padding_mode="zeros"))
+    steps.append(scale_mri())
+    if "pet" in keys:
+        steps.append(ScaleIntensityRanged("pet", a_min=0.0, a_max=prep.pet_scale, b_min=-0.5, b_max=0.5))
+    if train:
+        steps += [
+            RandScaleIntensityd("mri", factors=0.05, prob=0.5),
+            RandShiftIntensityd("mri", offsets=0.02, prob=0.5),
+            RandGaussianNoised("mri", std=0.01, prob=0.5),
+        ]
+    return Compose(steps)
+
+
+def pet_to_units(pet: torch.Tensor, prep: Preprocessing) -> torch.Tensor:
+    """Model-space PET ([-0.5, 0.5] scale) back to the training PET's units."""
+    return (pet + 0.5) * prep.pet_scale
+
+
+def grid_for(shapes: list[tuple[int, int, int]], divisor: int) -> tuple[int, int, int]:
+    """Smallest grid holding every foreground box, rounded up to multiples of ``divisor``."""
+    largest = np.max(np.asarray(shapes), axis=0)
+    return tuple(int(math.ceil(s / divisor) * divisor) for s in largest)
+
+
+def robust_max(pet: torch.Tensor) -> float:
+    """99.5th percentile of a PET box: the per-subject contribution to ``pet_scale``."""
+    flat = pet.flatten().float()
+    return float(torch.quantile(flat[:: max(1, flat.numel() // 200_000)], 0.995))

@@ -1,0 +1,463 @@
+"""``medflow train``: data pipeline, crash-proof training loop, validation, DDP.
+
+Randomness is a pure function of ``(seed, step)``: the batch order, the augmentation and
+the dequantisation noise of step s are drawn from generators seeded with the seed and s.
+A resumed run therefore repeats exactly what an uninterrupted run would have done.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from monai.data import CacheDataset
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+from medflow import __version__
+from medflow.checkpoint import latest_valid_step, read_config, save_state, save_step, write_config
+from medflow.device import Distributed, init_distributed, resolve_device
+from medflow.errors import InputError, OutputError, TrainingError
+from medflow.manifest import Subject, read_manifest
+from medflow.metrics import compute_metrics
+from medflow.model import DualGlow, DualGlowConfig
+from medflow.preprocess import Preprocessing, grid_for, pet_to_units, robust_max, stage1, stage2
+from medflow.presets import load_preset
+
+
+@dataclass
+class TrainOptions:
+    """Options of ``medflow train`` (see ``medflow train --help``). Times in seconds."""
+
+    data: Path
+    out: Path
+    preset: str = "small"
+    val: Path | None = None
+    val_fraction: float = 0.1
+    mri_columns: list[str] = field(default_factory=lambda: ["mri"])
+    spacing: float | None = None
+    grid: tuple[int, int, int] | None = None
+    steps: int | None = None
+    epochs: int | None = None
+    time_limit: float | None = None
+    batch_size: int | None = None
+    lr: float | None = None
+    warmup: int | None = None
+    weight_decay: float = 0.0
+    clip: float = 50.0
+    ema: float | None = None
+    seed: int = 0
+    device: str = "auto"
+    bf16: bool = False
+    recompute: bool = False
+    checkpoint_every: int = 100
+    val_every: int = 200
+    val_samples: int = 2
+    resume: bool = False
+    max_nonfinite: int = 5
+    allow_outside_paths: bool = False
+    model_overrides: dict = field(default_factory=dict)
+
+
+def _records(subjects: list[Subject]) -> list[dict]:
+    return [{"mri": [str(p) for p in s.mri], "pet": str(s.pet), "subject": s.subject} for s in subjects]
+
+
+def split_subjects(subjects: list[Subject], val_fraction: float, seed: int):
+    """Rows marked split=test are held out entirely; a seeded ``val_fraction`` of the rest validates."""
+    pool = [s for s in subjects if s.split not in ("test", "heldout")]
+    if not pool:
+        raise InputError("no training subjects (all rows have split=test)")
+    order = np.random.default_rng(seed).permutation(len(pool))
+    n_val = int(round(val_fraction * len(pool))) if len(pool) > 2 else 0
+    val = [pool[i] for i in sorted(order[:n_val])]
+    train = [pool[i] for i in sorted(order[n_val:])]
+    return train, val
+
+
+def step_seed(seed: int, step: int, salt: int = 0) -> int:
+    return (seed * 1_000_003 + step * 7_919 + salt) % (2**31 - 1)
+
+
+def lr_factor(step: int, warmup: int, total: int | None) -> float:
+    """Linear warm-up, then cosine decay to 10 % when the total number of steps is known."""
+    if step < warmup:
+        return (step + 1) / warmup
+    if not total or total <= warmup:
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+class StopFlag:
+    """Set by SIGINT/SIGTERM; the loop saves a checkpoint and exits cleanly."""
+
+    def __init__(self):
+        self.signum = None
+        self._previous = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.signum = signum
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+class Trainer:
+    """Holds the data, model, optimiser and run folder of one training job."""
+
+    def __init__(self, opts: TrainOptions, reporter):
+        self.opts = opts
+        self.report = reporter
+        self.dist: Distributed = init_distributed(opts.device)
+        self.device = resolve_device(opts.device, self.dist.local_rank)
+        self.run_dir = Path(opts.out)
+        self._prepare_run_dir()
+        preset = load_preset(self.settings["preset"])
+        train_cfg = {**preset["train"], **{k: v for k, v in self.settings["train"].items() if v is not None}}
+        self.batch_size = int(train_cfg.get("batch_size", 1))
+        self.lr = float(train_cfg.get("lr", 1e-3))
+        self.warmup = int(train_cfg.get("warmup_steps", 100))
+        self._load_data()
+        torch.manual_seed(opts.seed)
+        self.model = DualGlow(DualGlowConfig.from_dict(self.settings["model"])).to(self.device)
+        self.model.set_recompute(opts.recompute)
+        self.model.set_subnet_bf16(opts.bf16 and self.device.type == "cuda")
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=self.lr, weight_decay=opts.weight_decay)
+        self.total_steps = self._total_steps()
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: lr_factor(s, self.warmup, self.total_steps))
+        self.ema = (AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(opts.ema), use_buffers=True)
+                    if opts.ema else None)
+        self.step = 0
+        self.best_val = float("inf")
+        self.nonfinite_skipped = 0
+
+    # ----- set-up -------------------------------------------------------------------------
+    def _prepare_run_dir(self) -> None:
+        opts = self.opts
+        config_exists = (self.run_dir / "config.json").exists()
+        if opts.resume:
+            if not config_exists:
+                raise OutputError(f"{self.run_dir}: nothing to resume (no config.json)")
+            self.settings = read_config(self.run_dir)["settings"]
+            return
+        if config_exists or (self.run_dir.exists() and any(self.run_dir.iterdir())):
+            raise OutputError(f"{self.run_dir}: folder exists and is not empty; pass --resume to continue "
+                              "that run or choose another --out")
+        preset = load_preset(opts.preset)
+        model = {**preset["model"], **opts.model_overrides, "mri_channels": len(opts.mri_columns)}
+        DualGlowConfig.from_dict(model)
+        spacing = opts.spacing or float(preset["data"].get("spacing", 4.0))
+        self.settings = {
+            "preset": opts.preset,
+            "model": model,
+            "spacing": [spacing] * 3,
+            "grid": list(opts.grid) if opts.grid else None,
+            "mri_columns": list(opts.mri_columns),
+            "seed": opts.seed,
+            "train": {"batch_size": opts.batch_size, "lr": opts.lr, "warmup_steps": opts.warmup},
+            "data": str(opts.data),
+            "val": str(opts.val) if opts.val else None,
+            "val_fraction": opts.val_fraction,
+        }
+
+    def _load_data(self) -> None:
+        opts, s = self.opts, self.settings
+        subjects = read_manifest(Path(s["data"]), s["mri_columns"], allow_outside=opts.allow_outside_paths)
+        if s["val"]:
+            train = [x for x in subjects if x.split not in ("test", "heldout")]
+            val = read_manifest(Path(s["val"]), s["mri_columns"], allow_outside=opts.allow_outside_paths)
+        else:
+            train, val = split_subjects(subjects, s["val_fraction"], s["seed"])
+        self.train_subjects, self.val_subjects = train, val
+        levels = len(s["model"]["steps"])
+        pre = stage1(tuple(s["spacing"]), 2)
+        self.report(f"loading {len(train)} training and {len(val)} validation subjects")
+        self.train_cache = CacheDataset(_records(train), pre, progress=False, num_workers=0)
+        self.val_cache = CacheDataset(_records(val), pre, progress=False, num_workers=0) if val else []
+        if "preprocessing" in s:
+            self.prep = Preprocessing.from_dict(s["preprocessing"])
+        else:
+            shapes = [tuple(item["mri"].shape[1:]) for item in self.train_cache]
+            grid = tuple(s["grid"]) if s["grid"] else grid_for(shapes, 2**levels)
+            if any(g % 2**levels for g in grid):
+                raise InputError(f"--grid {grid} must be divisible by {2**levels} for {levels} levels")
+            pet_scale = float(np.median([robust_max(item["pet"]) for item in self.train_cache]))
+            if not pet_scale > 0:
+                raise InputError(f"{s['data']}: training PET has no positive signal")
+            self.prep = Preprocessing(tuple(s["spacing"]), grid, pet_scale)
+            s["preprocessing"] = self.prep.to_dict()
+        self.train_aug = stage2(self.prep, train=True)
+        self.eval_tf = stage2(self.prep, train=False)
+
+    def _total_steps(self) -> int | None:
+        per_epoch = max(1, len(self.train_cache) // (self.batch_size * self.dist.world_size))
+        if self.opts.steps:
+            return self.opts.steps
+        if self.opts.epochs:
+            return self.opts.epochs * per_epoch
+        return None
+
+    # ----- batches ------------------------------------------------------------------------
+    def batch_indices(self, step: int) -> list[int]:
+        """Indices of this rank's batch at ``step``: a seeded permutation per epoch."""
+        n = len(self.train_cache)
+        per_step = self.batch_size * self.dist.world_size
+        per_epoch = max(1, n // per_step)
+        epoch, position = divmod(step, per_epoch)
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(step_seed(self.opts.seed, epoch, 1)))
+        start = position * per_step + self.dist.rank * self.batch_size
+        return [int(perm[(start + j) % n]) for j in range(self.batch_size)]
+
+    def train_batch(self, step: int):
+        self.train_aug.set_random_state(seed=step_seed(self.opts.seed, step, 2 + self.dist.rank))
+        items = [self.train_aug(self.train_cache[i]) for i in self.batch_indices(step)]
+        mri = torch.stack([torch.as_tensor(it["mri"]).float() for it in items]).to(self.device)
+        pet = torch.stack([torch.as_tensor(it["pet"]).float() for it in items]).to(self.device)
+        g = torch.Generator().manual_seed(step_seed(self.opts.seed, step, 3 + self.dist.rank))
+        n_bins = self.model.config.n_bins
+        mri = mri + ((torch.rand(mri.shape, generator=g) - 0.5) / n_bins).to(self.device)
+        pet = pet + ((torch.rand(pet.shape, generator=g) - 0.5) / n_bins).to(self.device)
+        return mri, pet
+
+    def eval_item(self, item):
+        out = self.eval_tf(item)
+        mri = torch.as_tensor(out["mri"]).float()[None].to(self.device)
+        pet = torch.as_tensor(out["pet"]).float()[None].to(self.device)
+        return mri, pet
+
+    # ----- checkpoints --------------------------------------------------------------------
+    def _state(self) -> dict:
+        return {
+            "format": 1,
+            "step": self.step,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "ema": self.ema.state_dict() if self.ema else None,
+            "best_val": self.best_val,
+            "nonfinite_skipped": self.nonfinite_skipped,
+        }
+
+    def _write_run_config(self, qc: dict | None = None) -> None:
+        config = {
+            "medflow_version": __version__,
+            "torch_version": torch.__version__,
+            "settings": self.settings,
+            "model": self.settings["model"],
+            "preprocessing": self.prep.to_dict(),
+            "mri_columns": self.settings["mri_columns"],
+            "n_train": len(self.train_cache),
+            "n_val": len(self.val_cache),
+        }
+        if qc is not None:
+            config["qc"] = qc
+        elif (self.run_dir / "config.json").exists():
+            previous = read_config(self.run_dir)
+            if "qc" in previous:
+                config["qc"] = previous["qc"]
+        write_config(self.run_dir, config)
+
+    def save_checkpoint(self) -> None:
+        if self.dist.is_main:
+            save_step(self.run_dir, self.step, self._state())
+
+    def resume(self) -> None:
+        found = latest_valid_step(self.run_dir, warn=self.report)
+        if found is None:
+            self.report("no intact checkpoint found; starting from step 0")
+            return
+        path, state = found
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.ema and state.get("ema"):
+            self.ema.load_state_dict(state["ema"])
+        self.step = int(state["step"])
+        self.best_val = float(state["best_val"])
+        self.nonfinite_skipped = int(state.get("nonfinite_skipped", 0))
+        self.report(f"resumed from {path.name} (step {self.step})")
+
+    # ----- validation ---------------------------------------------------------------------
+    @torch.no_grad()
+    def validate(self) -> dict:
+        model = self.ema.module if self.ema else self.model
+        model.eval()
+        bpv, psnr, ssim = [], [], []
+        for index, item in enumerate(self.val_cache):
+            mri, pet = self.eval_item(item)
+            bpv.append(model.log_prob(pet, mri)["pet_bpv"].item())
+            if index < self.opts.val_samples:
+                pred = pet_to_units(model.sample(mri, temperature=0.0)[0, 0, 0], self.prep).cpu().numpy()
+                ref = pet_to_units(pet[0, 0], self.prep).cpu().numpy()
+                try:
+                    m = compute_metrics(pred, ref)
+                except ValueError:
+                    continue
+                psnr.append(m["psnr"])
+                ssim.append(m["ssim"])
+        self.model.train()
+        return {"val_pet_bpv": float(np.mean(bpv)), "val_psnr": float(np.mean(psnr)) if psnr else float("nan"),
+                "val_ssim": float(np.mean(ssim)) if ssim else float("nan")}
+
+    # ----- the loop -----------------------------------------------------------------------
+    def _all_agree(self, flag: bool) -> bool:
+        """True when ``flag`` holds on every rank."""
+        if not self.dist.enabled:
+            return flag
+        t = torch.tensor([1.0 if flag else 0.0], device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+        return bool(t.item() > 0.5)
+
+    def run(self, progress) -> dict:
+        opts = self.opts
+        if opts.resume:
+            self.resume()
+        elif self.dist.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            self._write_run_config()
+        if self.step == 0:
+            self.model.train()
+            mri, pet = self.train_batch(0)
+            with torch.no_grad():
+                self.model.loss(pet, mri)
+        net = self.model
+        if self.dist.enabled:
+            net = torch.nn.parallel.DistributedDataParallel(self.model, device_ids=[self.device.index]
+                                                            if self.device.type == "cuda" else None)
+        log = MetricsLog(self.run_dir / "metrics.csv", self.step, enabled=self.dist.is_main)
+        start, consecutive_bad = time.monotonic(), 0
+        target = self.total_steps
+        task = progress.add_task("training", total=target, completed=self.step, info="")
+        stopped_by = None
+        with StopFlag() as stop:
+            self.model.train()
+            while target is None or self.step < target:
+                if opts.time_limit and time.monotonic() - start >= opts.time_limit:
+                    stopped_by = "time limit"
+                    break
+                t0 = time.monotonic()
+                mri, pet = self.train_batch(self.step)
+                loss, terms = net(pet, mri)
+                ok = self._all_agree(bool(torch.isfinite(loss)))
+                grad_norm = float("nan")
+                if ok:
+                    self.optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), opts.clip))
+                    ok = self._all_agree(math.isfinite(grad_norm))
+                if ok:
+                    self.optimizer.step()
+                    if self.ema:
+                        self.ema.update_parameters(self.model)
+                    consecutive_bad = 0
+                else:
+                    self.optimizer.zero_grad(set_to_none=True)
+                    self.nonfinite_skipped += 1
+                    consecutive_bad += 1
+                    self.report(f"step {self.step}: non-finite loss or gradient, batch skipped")
+                    if consecutive_bad >= opts.max_nonfinite:
+                        raise TrainingError(
+                            f"{consecutive_bad} non-finite losses in a row at step {self.step}; stopped. "
+                            f"The last good checkpoint in {self.run_dir / 'checkpoints'} is intact; "
+                            "try a lower --lr or a longer --warmup")
+                self.scheduler.step()
+                self.step += 1
+                row = {"step": self.step, "loss": loss.item(), "pet_bpv": terms["pet_bpv"].mean().item(),
+                       "mri_bpv": terms["mri_bpv"].mean().item(), "lr": self.scheduler.get_last_lr()[0],
+                       "grad_norm": grad_norm, "steps_per_s": 1.0 / max(1e-9, time.monotonic() - t0)}
+                if self.val_cache and self.step % opts.val_every == 0:
+                    row.update(self._validate_and_keep_best())
+                log.write(row)
+                progress.update(task, completed=self.step,
+                                info=f"loss {row['loss']:.3f}  PET {row['pet_bpv']:.3f} bit/vox  "
+                                     f"{row['steps_per_s']:.2f} step/s")
+                if self.step % opts.checkpoint_every == 0 and consecutive_bad == 0:
+                    self.save_checkpoint()
+                if not self._all_agree(stop.signum is None):
+                    stopped_by = "signal"
+                    break
+        self.save_checkpoint()
+        summary = {"step": self.step, "stopped_by": stopped_by or "done", "nonfinite_skipped": self.nonfinite_skipped}
+        if stopped_by == "signal":
+            return summary
+        if self.val_cache and (self.step % opts.val_every != 0 or self.step == 0):
+            summary.update(self._validate_and_keep_best())
+        if self.dist.is_main:
+            self._finish()
+        return summary
+
+    def _validate_and_keep_best(self) -> dict:
+        metrics = self.validate()
+        if self.dist.is_main and metrics["val_pet_bpv"] < self.best_val:
+            self.best_val = metrics["val_pet_bpv"]
+            model = self.ema.module if self.ema else self.model
+            save_state(self.run_dir / "best.pt", {"format": 1, "step": self.step, "model": model.state_dict(),
+                                                   "val_pet_bpv": self.best_val})
+        return metrics
+
+    @torch.no_grad()
+    def _finish(self) -> None:
+        """Write final weights and the MRI-likelihood statistics used for quality control."""
+        model = self.ema.module if self.ema else self.model
+        save_state(self.run_dir / "final.pt", {"format": 1, "step": self.step, "model": model.state_dict()})
+        model.eval()
+        bpv = []
+        for item in self.train_cache:
+            mri, _ = self.eval_item(item)
+            bpv.append(model.encode_mri(mri)[0].item())
+        voxels = mri[0].numel()
+        bits = [(-lp / voxels + math.log(model.config.n_bins)) / math.log(2.0) for lp in bpv]
+        self._write_run_config({"mri_bpv_mean": float(np.mean(bits)), "mri_bpv_std": float(np.std(bits)),
+                                "mri_bpv_max": float(np.max(bits)), "n": len(bits)})
+        self.model.train()
+
+
+class MetricsLog:
+    """metrics.csv in the run folder; on resume, rows after the resumed step are dropped."""
+
+    FIELDS = ["step", "loss", "pet_bpv", "mri_bpv", "lr", "grad_norm", "steps_per_s",
+              "val_pet_bpv", "val_psnr", "val_ssim"]
+
+    def __init__(self, path: Path, from_step: int, enabled: bool):
+        self.path, self.enabled = path, enabled
+        self.tb = None
+        if not enabled:
+            return
+        kept = []
+        if path.exists():
+            with open(path, newline="") as handle:
+                kept = [r for r in csv.DictReader(handle) if int(r["step"]) <= from_step]
+        with open(path, "w", newline="") as handle:
+            writer = csv.DictWriter(handle, self.FIELDS)
+            writer.writeheader()
+            writer.writerows(kept)
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(path.parent / "tensorboard"))
+        except ImportError:
+            self.tb = None
+
+    def write(self, row: dict) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a", newline="") as handle:
+            csv.DictWriter(handle, self.FIELDS).writerow({k: row.get(k, "") for k in self.FIELDS})
+        if self.tb:
+            for key, value in row.items():
+                if key != "step" and isinstance(value, float) and math.isfinite(value):
+                    self.tb.add_scalar(key, value, row["step"])

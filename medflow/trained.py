@@ -1,0 +1,55 @@
+"""Loading a trained model folder (written by ``medflow train``) for synthesis."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from medflow.checkpoint import latest_valid_step, load_state, read_config
+from medflow.errors import ModelError
+from medflow.model import DualGlow, DualGlowConfig
+from medflow.preprocess import Preprocessing
+
+
+@dataclass
+class TrainedModel:
+    """A ready-to-sample model with the preprocessing and QC statistics it was trained with."""
+
+    model: DualGlow
+    prep: Preprocessing
+    mri_columns: list[str]
+    qc: dict | None
+    weights: Path
+
+
+def weights_file(run_dir: Path) -> tuple[Path, dict]:
+    """best.pt, else final.pt, else the newest intact step checkpoint."""
+    for name in ("best.pt", "final.pt"):
+        if (run_dir / name).exists():
+            return run_dir / name, load_state(run_dir / name)
+    found = latest_valid_step(run_dir)
+    if found is None:
+        raise ModelError(f"{run_dir}: no weights (best.pt, final.pt or checkpoints/step-*.pt)")
+    return found
+
+
+def load_trained(run_dir: str | Path, device: torch.device) -> TrainedModel:
+    """Load a model folder onto ``device`` in eval mode."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise ModelError(f"{run_dir}: model folder not found")
+    config = read_config(run_dir)
+    try:
+        model = DualGlow(DualGlowConfig.from_dict(config["model"]))
+        prep = Preprocessing.from_dict(config["preprocessing"])
+        mri_columns = list(config["mri_columns"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ModelError(f"{run_dir / 'config.json'}: incomplete or invalid ({exc})") from None
+    path, state = weights_file(run_dir)
+    try:
+        model.load_state_dict(state["model"])
+    except (KeyError, RuntimeError) as exc:
+        raise ModelError(f"{path}: weights do not match config.json ({str(exc).splitlines()[0][:160]})") from None
+    return TrainedModel(model.to(device).eval(), prep, mri_columns, config.get("qc"), path)

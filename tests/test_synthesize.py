@@ -1,0 +1,140 @@
+"""medflow synthesize: native grid, batches, bad inputs, determinism, output safety."""
+
+import shutil
+
+import nibabel as nib
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from medflow.cli import app
+from tests.badfiles import bad_corpus
+from tests.paired_data import phantom, write_paired_csv
+
+runner = CliRunner()
+
+
+def cli(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("synth")
+    pairs = write_paired_csv(folder / "pairs", n=6)
+    run = folder / "run"
+    result = cli("train", pairs, "--out", run, "--preset", "tiny", "--steps", "6", "--device", "cpu",
+                 "--spacing", "6")
+    assert result.exit_code == 0, result.stderr
+    return run, pairs.parent
+
+
+def write_mri(path, affine, shape=(27, 29, 15), seed=0):
+    mri, _ = phantom(shape, np.random.default_rng(seed))
+    nib.save(nib.Nifti1Image(mri, affine), path)
+    return path
+
+
+def lps_anisotropic_affine():
+    affine = np.diag([-3.0, -3.0, 5.0, 1.0])
+    affine[:3, 3] = [40.0, 45.0, -35.0]
+    return affine
+
+
+def test_output_is_on_the_input_grid(trained, tmp_path):
+    run, _ = trained
+    affine = lps_anisotropic_affine()
+    mri = write_mri(tmp_path / "lps.nii.gz", affine)
+    out, std, qc = tmp_path / "pet.nii.gz", tmp_path / "std.nii.gz", tmp_path / "qc.png"
+    result = cli("synthesize", mri, out, "--model", run, "--std", std, "--qc", qc, "--samples", "3",
+                 "--temperature", "0.8")
+    assert result.exit_code == 0, result.stderr
+    img = nib.load(out)
+    assert img.shape == (27, 29, 15)
+    assert np.allclose(img.affine, affine, atol=1e-5)
+    assert img.get_data_dtype() == np.float32
+    pet = img.get_fdata()
+    assert np.isfinite(pet).all() and pet.max() > 0
+    assert nib.load(std).shape == (27, 29, 15) and nib.load(std).get_fdata().max() > 0
+    assert qc.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_same_seed_same_output_other_seed_differs(trained, tmp_path):
+    run, pairs = trained
+    mri = pairs / "sub-00_t1.nii.gz"
+    outs = []
+    for name, seed in (("a", 1), ("b", 1), ("c", 2)):
+        path = tmp_path / f"{name}.nii.gz"
+        assert cli("synthesize", mri, path, "--model", run, "--seed", seed, "--temperature", "1").exit_code == 0
+        outs.append(nib.load(path).get_fdata())
+    assert np.array_equal(outs[0], outs[1])
+    assert not np.array_equal(outs[0], outs[2])
+
+
+def test_existing_output_is_never_overwritten_silently(trained, tmp_path):
+    run, pairs = trained
+    out = tmp_path / "pet.nii.gz"
+    out.write_bytes(b"precious")
+    result = cli("synthesize", pairs / "sub-00_t1.nii.gz", out, "--model", run)
+    assert result.exit_code == 4 and "--overwrite" in result.stderr
+    assert out.read_bytes() == b"precious"
+    assert cli("synthesize", pairs / "sub-00_t1.nii.gz", out, "--model", run, "--overwrite").exit_code == 0
+    assert nib.load(out).shape == (20, 22, 18)
+
+
+def test_batch_carries_on_past_a_broken_file(trained, tmp_path):
+    run, pairs = trained
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    shutil.copy(pairs / "sub-00_t1.nii.gz", inputs / "a.nii.gz")
+    (inputs / "b.nii.gz").write_bytes((pairs / "sub-01_t1.nii.gz").read_bytes()[:300])
+    shutil.copy(pairs / "sub-02_t1.nii.gz", inputs / "c.nii.gz")
+    outdir = tmp_path / "out"
+    result = cli("synthesize", inputs, outdir, "--model", run, "--std", tmp_path / "std")
+    assert result.exit_code == 1
+    assert (outdir / "a.nii.gz").exists() and (outdir / "c.nii.gz").exists()
+    assert not (outdir / "b.nii.gz").exists()
+    assert (tmp_path / "std" / "a.nii.gz").exists()
+    assert "failed" in result.stdout and "b.nii.gz" in result.stderr
+    assert not [p for p in outdir.iterdir() if p.name.startswith(".")]
+    rerun = cli("synthesize", inputs, outdir, "--model", run, "--skip-existing")
+    assert rerun.exit_code == 1 and rerun.stdout.count("skipped") == 2
+
+
+BAD_CLASSES = ["missing", "truncated_gz", "garbage_gz", "header_only", "nan", "inf", "all_zero", "two_d",
+               "four_d", "tiny_3x3x3", "singular_affine", "sheared_affine", "huge_declared", "complex_dtype",
+               "directory", "text_file"]
+
+
+def test_every_bad_input_class_gets_one_line_and_exit_3(trained, tmp_path):
+    run, _ = trained
+    corpus = bad_corpus(tmp_path / "bad")
+    for name in BAD_CLASSES:
+        path = corpus[name]
+        out = tmp_path / f"out_{name}.nii.gz"
+        result = cli("synthesize", path, out, "--model", run)
+        assert result.exit_code == 3, (name, result.stderr, result.exception)
+        lines = [line for line in result.stderr.splitlines() if line.strip()]
+        assert len(lines) == 1 and str(path) in result.stderr.replace("\n", ""), (name, result.stderr)
+        assert "Traceback" not in result.stderr
+        assert not out.exists()
+
+
+def test_csv_missing_modality_column_is_an_input_error(trained, tmp_path):
+    run, pairs = trained
+    listing = tmp_path / "list.csv"
+    listing.write_text("subject,t2\nsub-00,x.nii.gz\n")
+    result = cli("synthesize", listing, tmp_path / "out", "--model", run)
+    assert result.exit_code == 3 and "missing column" in result.stderr
+
+
+def test_missing_model_and_unavailable_cuda(trained, tmp_path):
+    _, pairs = trained
+    result = cli("synthesize", pairs / "sub-00_t1.nii.gz", tmp_path / "o.nii.gz", "--model", tmp_path / "none")
+    assert result.exit_code == 5
+    run, _ = trained
+    result = cli("synthesize", pairs / "sub-00_t1.nii.gz", tmp_path / "o.nii.gz", "--model", run, "--device", "cuda")
+    import torch
+
+    if not torch.cuda.is_available():
+        assert result.exit_code == 6 and "no CUDA" in result.stderr

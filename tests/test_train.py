@@ -1,0 +1,148 @@
+"""medflow train end to end: resume after SIGKILL equals an uninterrupted run, DDP, safety."""
+
+import hashlib
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from medflow.checkpoint import load_state, step_checkpoints
+from medflow.errors import ModelError, TrainingError
+from medflow.trained import load_trained
+from tests.paired_data import write_paired_csv
+
+MEDFLOW = [sys.executable, "-m", "medflow.cli"]
+TRAIN_ARGS = ["--preset", "tiny", "--steps", "8", "--checkpoint-every", "1", "--val-every", "4",
+              "--seed", "3", "--device", "cpu", "--spacing", "6"]
+
+
+@pytest.fixture(scope="module")
+def pairs(tmp_path_factory):
+    return write_paired_csv(tmp_path_factory.mktemp("pairs"), n=6)
+
+
+def run_cli(*args, **kwargs):
+    return subprocess.run([*MEDFLOW, *map(str, args)], capture_output=True, text=True, timeout=300, **kwargs)
+
+
+def weights(run: Path) -> dict:
+    return load_state(run / "final.pt")["model"]
+
+
+def test_sigkill_then_resume_equals_uninterrupted_run(pairs, tmp_path):
+    straight = tmp_path / "straight"
+    done = run_cli("train", pairs, "--out", straight, *TRAIN_ARGS)
+    assert done.returncode == 0, done.stderr
+    assert (straight / "metrics.csv").read_text().count("\n") == 9
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([*MEDFLOW, "train", str(pairs), "--out", str(killed), *TRAIN_ARGS],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 240
+    while not (killed / "checkpoints" / "step-0000003.pt").exists():
+        assert proc.poll() is None and time.monotonic() < deadline, "run ended before the kill"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "final.pt").exists()
+    refused = run_cli("train", pairs, "--out", killed, *TRAIN_ARGS)
+    assert refused.returncode == 4 and "--resume" in refused.stderr
+    resumed = run_cli("train", pairs, "--out", killed, *TRAIN_ARGS, "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resumed from step-" in resumed.stderr
+    a, b = weights(straight), weights(killed)
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.allclose(a[key].float(), b[key].float(), atol=1e-6), key
+
+
+def test_corrupted_newest_checkpoint_falls_back_to_previous(pairs, tmp_path):
+    run = tmp_path / "run"
+    assert run_cli("train", pairs, "--out", run, *TRAIN_ARGS[:2], "--steps", "3", "--checkpoint-every", "1",
+                   "--device", "cpu", "--spacing", "6").returncode == 0
+    newest = step_checkpoints(run)[0]
+    data = bytearray(newest.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    newest.write_bytes(bytes(data))
+    with pytest.raises(ModelError, match="checksum"):
+        load_state(newest)
+    resumed = run_cli("train", pairs, "--out", run, "--steps", "4", "--resume", "--device", "cpu")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "skipping" in resumed.stderr and "resumed from step-0000002.pt" in resumed.stderr
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_130(pairs, tmp_path):
+    run = tmp_path / "run"
+    proc = subprocess.Popen([*MEDFLOW, "train", str(pairs), "--out", str(run), "--preset", "tiny", "--steps", "100000",
+                             "--checkpoint-every", "100000", "--device", "cpu", "--spacing", "6"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 240
+    while not (run / "metrics.csv").exists() or (run / "metrics.csv").read_text().count("\n") < 3:
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert len(step_checkpoints(run)) == 1
+
+
+class Boom:
+    def __reduce__(self):
+        return (os.system, ("touch PWNED",))
+
+
+def test_crafted_pickle_checkpoint_is_refused(pairs, tmp_path):
+    run = tmp_path / "run"
+    assert run_cli("train", pairs, "--out", run, "--preset", "tiny", "--steps", "2", "--device", "cpu",
+                   "--spacing", "6").returncode == 0
+    payload = pickle.dumps({"model": Boom()})
+    (run / "best.pt").write_bytes(payload)
+    (run / "best.pt.sha256").write_text(hashlib.sha256(payload).hexdigest() + "\n")
+    with pytest.raises(ModelError, match="refused to load"):
+        load_trained(run, torch.device("cpu"))
+    result = run_cli("synthesize", pairs.parent / "sub-00_t1.nii.gz", tmp_path / "out.nii.gz", "--model", run,
+                     cwd=tmp_path)
+    assert result.returncode == 5 and "refused to load" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "PWNED").exists() and not (tmp_path / "out.nii.gz").exists()
+
+
+def test_repeated_nonfinite_losses_stop_with_checkpoint_intact(pairs, tmp_path, monkeypatch):
+    from rich.progress import Progress
+
+    from medflow.model import DualGlow
+    from medflow.train import Trainer, TrainOptions
+
+    run = tmp_path / "run"
+    opts = TrainOptions(data=pairs, out=run, preset="tiny", steps=20, checkpoint_every=2, device="cpu",
+                        spacing=6.0, max_nonfinite=3)
+    trainer = Trainer(opts, reporter=lambda m: None)
+    original = DualGlow.loss
+
+    def poisoned(self, pet, mri):
+        loss, terms = original(self, pet, mri)
+        return (loss * float("nan") if trainer.step >= 4 else loss), terms
+
+    monkeypatch.setattr(DualGlow, "loss", poisoned)
+    with pytest.raises(TrainingError, match="non-finite"):
+        trainer.run(Progress(disable=True))
+    assert step_checkpoints(run)[0].name == "step-0000004.pt"
+    load_state(step_checkpoints(run)[0])
+
+
+def test_ddp_two_processes_on_cpu(pairs, tmp_path):
+    run = tmp_path / "ddp"
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+         "-m", "medflow.cli", "train", str(pairs), "--out", str(run), "--preset", "tiny", "--steps", "3",
+         "--device", "cpu", "--spacing", "6", "--batch-size", "1"],
+        capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (run / "final.pt").exists()
+    assert (run / "metrics.csv").read_text().count("\n") == 4
