@@ -51,3 +51,24 @@ def init_distributed(device_name: str) -> Distributed:
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if use_cuda else "gloo")
     return info
+
+
+def available_memory(device: torch.device) -> int:
+    """Bytes the device can still give us (CUDA: free memory; CPU: MemAvailable)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    with open("/proc/meminfo") as handle:
+        for line in handle:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+
+
+def check_fits(voxels: int, width: int, device: torch.device, what: str) -> None:
+    """Refuse work whose activations (about 8 live float32 tensors of voxels x width) exceed the device."""
+    need = 8 * 4 * voxels * width
+    have = available_memory(device)
+    if need > have:
+        raise ResourceError(
+            f"{what}: needs about {need / 2**30:.1f} GiB on {device} but {have / 2**30:.1f} GiB is free; "
+            "train with a coarser --spacing or a smaller --grid, or use --device cpu")

@@ -45,7 +45,7 @@ MASK_THRESHOLD = 0.5
 
 _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
 _DICOM_SUFFIXES = (".dcm", ".ima")
-_FULL_DISK = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+_FULL_DISK = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC), errno.EFBIG)
 _NO_WRITE = (errno.EACCES, errno.EPERM, errno.EROFS)
 _NO_HARDLINKS = (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK, errno.ENOSYS)
 _NATIVE_OUTPUT_LOCK = threading.Lock()
@@ -73,7 +73,7 @@ class _Header:
 def read_volume(path: str | Path, *, what: str = "image") -> Volume:
     """Load a 3D image as float32 (X, Y, Z) with its RAS+ affine; InputError for anything unusable.
 
-    `what` ("MRI", "PET", ...) names the file in the message for a missing file or folder.
+    `what` ("MRI", "PET", ...) names the file in the message when it does not exist.
     """
     path = Path(path)
     data, affine = _load(path, what)

@@ -16,6 +16,7 @@ import torch
 from monai.data import MetaTensor
 from monai.transforms import Compose, Invertd
 
+from medflow.device import check_fits
 from medflow.errors import InputError, QCError, ResourceError
 from medflow.imageio import read_volume, write_volume
 from medflow.preprocess import pet_to_units, stage1, stage2, volume_to_metatensor
@@ -76,6 +77,7 @@ def synthesize_file(tm: TrainedModel, mri_paths: list[Path], out: Path, opts: Sy
     volumes = [read_volume(p, what="MRI") for p in mri_paths]
     transform = preprocessing_for(tm)
     data = transform({"mri": volume_to_metatensor(volumes)})
+    check_fits(int(np.prod(tm.prep.grid)) // 8, tm.model.config.hidden, device, str(mri_paths[0]))
     mri = torch.as_tensor(data["mri"]).float()[None].to(device)
     generator = torch.Generator().manual_seed(opts.seed)
     try:

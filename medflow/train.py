@@ -22,7 +22,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from medflow import __version__
 from medflow.checkpoint import latest_valid_step, read_config, save_state, save_step, write_config
-from medflow.device import Distributed, init_distributed, resolve_device
+from medflow.device import Distributed, check_fits, init_distributed, resolve_device
 from medflow.errors import InputError, OutputError, TrainingError
 from medflow.manifest import Subject, read_manifest
 from medflow.metrics import compute_metrics
@@ -200,6 +200,10 @@ class Trainer:
                 raise InputError(f"{s['data']}: training PET has no positive signal")
             self.prep = Preprocessing(tuple(s["spacing"]), grid, pet_scale)
             s["preprocessing"] = self.prep.to_dict()
+        model = s["model"]
+        per_voxel = 1 if self.opts.recompute else 2 * sum(model["steps"])
+        check_fits(int(np.prod(self.prep.grid)) // 8 * self.batch_size, model["hidden"] * per_voxel, self.device,
+                   f"training grid {tuple(self.prep.grid)} x batch {self.batch_size}")
         self.train_aug = stage2(self.prep, train=True)
         self.eval_tf = stage2(self.prep, train=False)
 

@@ -99,7 +99,7 @@ def test_bad_input_is_one_clean_line(bad, case, capfd):
     assert out == "" and err == "", "libraries printed their own lines"
 
 
-def test_permission_denied_is_reported(bad, monkeypatch, tmp_path):
+def test_permission_denied_is_reported(monkeypatch, tmp_path):
     path = save_nifti(tmp_path / "locked.nii.gz", pattern(), np.eye(4))
 
     def denied(name, *args, **kwargs):

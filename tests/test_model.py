@@ -91,7 +91,7 @@ def test_sample_shapes_temperature_zero_is_deterministic():
     assert torch.equal(mean[0], mean[1])
 
 
-def fit_bits(condition_is_noise: bool, steps=250):
+def fit_bits(condition_is_noise: bool, steps=150):
     torch.manual_seed(0)
     model = DualGlow.from_preset("tiny")
     mri, pet = paired_batch(16, seed=1)

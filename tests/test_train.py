@@ -28,7 +28,8 @@ def pairs(tmp_path_factory):
 
 
 def run_cli(*args, **kwargs):
-    return subprocess.run([*MEDFLOW, *map(str, args)], capture_output=True, text=True, timeout=300, **kwargs)
+    return subprocess.run([*MEDFLOW, *map(str, args)], capture_output=True, encoding="utf-8", errors="replace",
+                          timeout=300, **kwargs)
 
 
 def weights(run: Path) -> dict:
@@ -81,7 +82,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_130(pairs, tmp_path):
     run = tmp_path / "run"
     proc = subprocess.Popen([*MEDFLOW, "train", str(pairs), "--out", str(run), "--preset", "tiny", "--steps", "100000",
                              "--checkpoint-every", "100000", "--device", "cpu", "--spacing", "6"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, encoding="utf-8", errors="replace")
     deadline = time.monotonic() + 240
     while not (run / "metrics.csv").exists() or (run / "metrics.csv").read_text().count("\n") < 3:
         assert proc.poll() is None and time.monotonic() < deadline
@@ -142,7 +143,7 @@ def test_ddp_two_processes_on_cpu(pairs, tmp_path):
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
          "-m", "medflow.cli", "train", str(pairs), "--out", str(run), "--preset", "tiny", "--steps", "3",
          "--device", "cpu", "--spacing", "6", "--batch-size", "1"],
-        capture_output=True, text=True, timeout=300)
+        capture_output=True, encoding="utf-8", errors="replace", timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert (run / "final.pt").exists()
     assert (run / "metrics.csv").read_text().count("\n") == 4
