@@ -1,0 +1,48 @@
+"""Manifests: CSV and folder forms, side information, paths that try to leave the CSV's folder."""
+
+import pytest
+
+from medflow.errors import InputError
+from medflow.manifest import read_manifest
+from tests.paired_data import write_paired_csv
+
+
+def test_csv_with_extra_modality_side_info_and_split(tmp_path):
+    (tmp_path / "list.csv").write_text("subject,mri,t2,pet,age,dx,split\ns1,a.nii.gz,b.nii.gz,c.nii.gz,70,AD,test\n")
+    (subject,) = read_manifest(tmp_path / "list.csv", ["mri", "t2"])
+    assert subject.mri == [tmp_path / "a.nii.gz", tmp_path / "b.nii.gz"]
+    assert subject.side == {"age": "70", "dx": "AD"} and subject.split == "test"
+
+
+@pytest.mark.parametrize("value", ["../secret.nii.gz", "sub/../../secret.nii.gz", "/etc/passwd"])
+def test_paths_may_not_leave_the_csv_folder_without_the_flag(tmp_path, value):
+    folder = tmp_path / "lists"
+    folder.mkdir()
+    (folder / "list.csv").write_text(f"mri,pet\n{value},p.nii.gz\n")
+    with pytest.raises(InputError, match="allow-outside-paths"):
+        read_manifest(folder / "list.csv")
+    (subject,) = read_manifest(folder / "list.csv", allow_outside=True)
+    assert subject.mri[0].name in ("secret.nii.gz", "passwd")
+
+
+def test_folder_form_pairs_by_name(tmp_path):
+    src = write_paired_csv(tmp_path / "src", n=2).parent
+    for kind in ("mri", "pet"):
+        (tmp_path / "data" / kind).mkdir(parents=True)
+    for i in range(2):
+        (src / f"sub-{i:02d}_t1.nii.gz").rename(tmp_path / "data" / "mri" / f"s{i}.nii.gz")
+        (src / f"sub-{i:02d}_pet.nii.gz").rename(tmp_path / "data" / "pet" / f"s{i}.nii.gz")
+    subjects = read_manifest(tmp_path / "data")
+    assert [s.subject for s in subjects] == ["s0", "s1"]
+    (tmp_path / "data" / "pet" / "s1.nii.gz").unlink()
+    with pytest.raises(InputError, match="no PET of the same name"):
+        read_manifest(tmp_path / "data")
+
+
+def test_missing_columns_and_empty_cells(tmp_path):
+    (tmp_path / "a.csv").write_text("mri\nx.nii.gz\n")
+    with pytest.raises(InputError, match="missing column"):
+        read_manifest(tmp_path / "a.csv")
+    (tmp_path / "b.csv").write_text("mri,pet\nx.nii.gz,\n")
+    with pytest.raises(InputError, match="empty path"):
+        read_manifest(tmp_path / "b.csv")
