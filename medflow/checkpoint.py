@@ -12,13 +12,13 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 import pickle
 from pathlib import Path
 
 import torch
 
-from medflow.errors import ModelError, OutputError
+from medflow.errors import ModelError
+from medflow.imageio import write_bytes_atomic
 
 CHECKPOINT_DIR = "checkpoints"
 
@@ -27,26 +27,13 @@ def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise OutputError(f"{path}: cannot write checkpoint ({exc.strerror or exc})") from None
-
-
 def save_state(path: Path, state: dict) -> None:
     """Write ``state`` (tensors, numbers, strings, lists, dicts) atomically with a checksum sidecar."""
     buffer = io.BytesIO()
     torch.save(state, buffer)
     data = buffer.getvalue()
-    _write_atomic(path, data)
-    _write_atomic(path.with_name(path.name + ".sha256"), (sha256_bytes(data) + "\n").encode())
+    write_bytes_atomic(path, data, overwrite=True)
+    write_bytes_atomic(path.with_name(path.name + ".sha256"), (sha256_bytes(data) + "\n").encode(), overwrite=True)
 
 
 def load_state(path: Path, map_location="cpu") -> dict:
@@ -99,7 +86,7 @@ def latest_valid_step(run_dir: Path, warn=None) -> tuple[Path, dict] | None:
 
 
 def write_config(run_dir: Path, config: dict) -> None:
-    _write_atomic(Path(run_dir) / "config.json", (json.dumps(config, indent=2) + "\n").encode())
+    write_bytes_atomic(Path(run_dir) / "config.json", (json.dumps(config, indent=2) + "\n").encode(), overwrite=True)
 
 
 def read_config(run_dir: Path) -> dict:

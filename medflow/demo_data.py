@@ -15,7 +15,6 @@ import functools
 import gzip
 import io
 import json
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +23,7 @@ import numpy as np
 from scipy import ndimage
 
 from medflow.errors import OutputError
+from medflow.imageio import write_bytes_atomic
 
 RECIPE_VERSION = 1
 PARAMS_FILE = "demo.json"
@@ -310,16 +310,10 @@ def make_demo_subject(index: int, *, seed: int = 0, spacing: float = 2.0, dx: st
                        inside.astype(np.uint8), gm, wm, csf, lesions, hypometabolism)
 
 
-def _write_atomic(path: Path, payload: bytes) -> None:
-    """Write ``payload`` to ``path`` via a temporary file, so no partial file is ever left."""
-    tmp = path.with_name(f".{path.name}.partial")
-    try:
-        tmp.write_bytes(payload)
-        os.replace(tmp, path)
-    except OSError as exc:
-        raise OutputError(f"{path}: cannot write ({exc.strerror or exc})") from None
-    finally:
-        tmp.unlink(missing_ok=True)
+def write_params(out: Path, params: dict, complete: bool) -> None:
+    """demo.json: the recipe's parameters and whether every file has been written."""
+    payload = json.dumps({"parameters": params, "complete": complete}, indent=2).encode()
+    write_bytes_atomic(out / PARAMS_FILE, payload, overwrite=True)
 
 
 def _nifti_bytes(data: np.ndarray, affine: np.ndarray) -> bytes:
@@ -410,7 +404,7 @@ def make_demo_dataset(out_dir: Path, subjects: int, *, seed: int = 0, spacing: f
     except OSError as exc:
         raise OutputError(f"{out}: cannot create folder ({exc.strerror or exc})") from None
 
-    _write_atomic(out / PARAMS_FILE, json.dumps({"parameters": params, "complete": False}, indent=2).encode())
+    write_params(out, params, complete=False)
     rows = []
     for index, name in enumerate(names):
         forced = dx[index] if dx is not None else None
@@ -419,7 +413,7 @@ def make_demo_dataset(out_dir: Path, subjects: int, *, seed: int = 0, spacing: f
             subject = make_demo_subject(index, seed=seed, spacing=spacing, dx=forced)
             affine = _template(float(spacing)).affine
             for modality, path in files.items():
-                _write_atomic(path, _nifti_bytes(getattr(subject, modality), affine))
+                write_bytes_atomic(path, _nifti_bytes(getattr(subject, modality), affine), overwrite=True)
         age, sex, diagnosis = _demographics(np.random.default_rng([seed, index]), forced)
         rows.append({"subject": name, "mri": files["t1"].name, "pet": files["pet"].name,
                      "mask": files["mask"].name, "t2": files["t2"].name, "age": f"{age:.1f}", "sex": sex,
@@ -427,8 +421,8 @@ def make_demo_dataset(out_dir: Path, subjects: int, *, seed: int = 0, spacing: f
         if progress is not None:
             progress(index + 1, subjects)
 
-    _write_atomic(csv_path, _csv_text(rows).encode())
-    _write_atomic(out / PARAMS_FILE, json.dumps({"parameters": params, "complete": True}, indent=2).encode())
+    write_bytes_atomic(csv_path, _csv_text(rows).encode(), overwrite=True)
+    write_params(out, params, complete=True)
     return csv_path
 
 

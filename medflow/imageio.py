@@ -102,6 +102,13 @@ def read_mask(path: str | Path, *, like: Volume) -> np.ndarray:
     return mask
 
 
+def write_bytes_atomic(path: str | Path, payload: bytes, *, overwrite: bool = False) -> Path:
+    """Write ``payload`` to ``path`` through ``atomic_path``: all or nothing, never clobbering by accident."""
+    with atomic_path(path, overwrite=overwrite) as tmp:
+        tmp.write_bytes(payload)
+    return Path(path)
+
+
 def write_volume(path: str | Path, data: np.ndarray, affine: np.ndarray, *, overwrite: bool = False) -> Path:
     """Write (X, Y, Z) `data` as float32 NIfTI-1 (.nii or .nii.gz by suffix) with `affine`, atomically.
 

@@ -1,0 +1,709 @@
+"""``python -m medflow.bench``: training speed and memory, synthesis latency and quality -> BENCHMARKS.md.
+
+Sections (``--sections``): ``speed`` (training step of ``small`` and ``dualglow3d``, plain
+autograd vs the memory-saving backward, and the FrEIA-built peer of ``medflow.peer_flow``),
+``synthesis`` (latency of ``DualGlow.sample`` for 1 and 8 samples) and ``quality`` (medflow
+``small`` and a MONAI U-Net trained for the same wall-clock budget on the demo data, scored
+on its held-out subjects). ``--quick`` runs small sizes only and skips quality (< 3 min).
+
+Every speed and latency number comes from a fresh worker process (``--worker SPEC``,
+printing one JSON line), so peak memories do not mix. Times are in seconds, memories in MiB.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from functools import partial
+from importlib import metadata
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+TOTAL_BUDGET_S = 1800.0  # the whole default run, seconds
+QUALITY_RESERVE_S = 240.0  # medflow's validation and QC pass after training, and scoring 8 subjects
+MIN_QUALITY_BUDGET_S = 60.0  # training seconds per model, at least
+GPU_VOLUME = (96, 112, 96)
+COVERAGE_Z = 1.645
+MIB = 2.0**20
+
+console = Console(width=None if sys.stdout.isatty() else 160)
+
+
+def volume_text(shape) -> str:
+    """(96, 112, 96) -> '96x112x96'."""
+    return "x".join(str(s) for s in shape)
+
+
+# ----- machine and versions ----------------------------------------------------------------
+def usable_cores() -> int:
+    """CPU cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo (platform's guess elsewhere)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def total_ram_gib() -> float:
+    """Installed memory in GiB (MemTotal of /proc/meminfo)."""
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemTotal:"):
+            return int(line.split()[1]) / 2**20
+    return float("nan")
+
+
+def machine_info() -> dict:
+    return {"cpu": cpu_model(), "cores": usable_cores(), "ram_gib": total_ram_gib(),
+            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+
+
+def versions() -> dict:
+    import monai
+
+    import medflow
+
+    return {"python": platform.python_version(), "torch": torch.__version__, "monai": monai.__version__,
+            "FrEIA": metadata.version("FrEIA"), "medflow": medflow.__version__}
+
+
+# ----- memory --------------------------------------------------------------------------------
+def _proc_status_kib(key: str) -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def memory_now_mib(device: torch.device) -> float:
+    """Resident set size (CPU) or memory allocated by torch (CUDA) now, in MiB."""
+    if device.type == "cuda":
+        return torch.cuda.memory_allocated(device) / MIB
+    return (_proc_status_kib("VmRSS") or 0) / 1024
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    """Restart the high-water mark: CUDA peak stats, or the process's VmHWM via /proc/self/clear_refs."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def peak_memory_mib(device: torch.device) -> float:
+    """Peak since ``reset_peak_memory``, in MiB: torch.cuda.max_memory_allocated, or the RSS
+    high-water mark VmHWM (getrusage's ru_maxrss where /proc is missing; it is not reset and, in a
+    spawned process, starts at the parent's RSS)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / MIB
+    hwm = _proc_status_kib("VmHWM")
+    if hwm is not None:
+        return hwm / 1024
+    import resource
+
+    maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return maxrss / MIB if sys.platform == "darwin" else maxrss / 1024
+
+
+# ----- one measurement, in a worker process --------------------------------------------------
+@dataclass
+class Case:
+    """One measurement. task: ``train`` (one optimiser step) or ``sample`` (``DualGlow.sample``);
+    impl: ``medflow`` or ``peer`` (FrEIA); shape: volume in voxels; overrides: model options."""
+
+    task: str
+    preset: str
+    shape: tuple[int, int, int]
+    impl: str = "medflow"
+    recompute: bool = False
+    overrides: dict = field(default_factory=dict)
+    samples: int = 1
+    temperature: float = 0.5
+    warmup: int = 1
+    timed: int = 3
+    device: str = "cpu"
+
+    @property
+    def label(self) -> str:
+        what = f"{self.samples} sample(s)" if self.task == "sample" else (
+            "FrEIA peer" if self.impl == "peer" else "memory-saving" if self.recompute else "plain")
+        return f"{self.task} {self.preset} {volume_text(self.shape)} {what} on {self.device}"
+
+
+def build_model(case: Case, device: torch.device) -> torch.nn.Module:
+    """The medflow model or its FrEIA peer for ``case``, untrained, on ``device``."""
+    if case.impl == "peer":
+        from medflow.peer_flow import PeerDualGlow
+
+        return PeerDualGlow.from_preset(case.preset, tuple(case.shape), **case.overrides).to(device)
+    from medflow.model import DualGlow
+
+    model = DualGlow.from_preset(case.preset, **case.overrides)
+    model.set_recompute(case.recompute)
+    return model.to(device)
+
+
+def example_pair(shape, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Seeded uniform MRI and PET volumes [1, 1, *shape] in the model's [-0.5, 0.5] range."""
+    g = torch.Generator().manual_seed(0)
+    mri, pet = (torch.rand((1, 1, *shape), generator=g) - 0.5 for _ in range(2))
+    return mri.to(device), pet.to(device)
+
+
+def train_step(model, optimizer, pet: torch.Tensor, mri: torch.Tensor) -> None:
+    """Forward, backward and one AdamW step on batch 1."""
+    optimizer.zero_grad(set_to_none=True)
+    loss, _ = model.loss(pet, mri)
+    loss.backward()
+    optimizer.step()
+
+
+def seconds(fn, device: torch.device) -> tuple[float, float]:
+    """Wall-clock and process CPU seconds (all threads) of ``fn()``, synchronising CUDA before and after."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    wall, cpu = time.perf_counter(), time.process_time()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - wall, time.process_time() - cpu
+
+
+def measure(case: Case) -> dict:
+    """Build, initialise ActNorm with one training-mode forward, then time ``case.timed`` runs after
+    ``case.warmup`` untimed ones. Memory: baseline after build and initialisation, peak above it."""
+    device = torch.device(case.device)
+    torch.set_num_threads(usable_cores())
+    torch.manual_seed(0)
+    model = build_model(case, device)
+    mri, pet = example_pair(case.shape, device)
+    model.train()
+    with torch.no_grad():
+        model.loss(pet, mri)
+    if case.task == "train":
+        run = partial(train_step, model, torch.optim.AdamW(model.parameters(), lr=1e-4), pet, mri)
+    else:
+        model.eval()
+        run = partial(model.sample, mri, case.temperature, case.samples)
+    baseline = memory_now_mib(device)
+    reset_peak_memory(device)
+    times = [seconds(run, device) for _ in range(case.warmup + case.timed)][case.warmup:]
+    peak = peak_memory_mib(device)
+    return {"params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+            "times_s": [wall for wall, _ in times], "median_s": statistics.median(wall for wall, _ in times),
+            "median_cpu_s": statistics.median(cpu for _, cpu in times), "baseline_mib": baseline,
+            "peak_mib": peak, "above_baseline_mib": peak - baseline, "threads": torch.get_num_threads()}
+
+
+def run_worker(spec: str) -> None:
+    """Entry point of ``--worker SPEC``: print the measurement as one JSON line."""
+    case = Case(**json.loads(spec))
+    try:
+        result = measure(case)
+    except torch.OutOfMemoryError:
+        result = {"error": f"out of {case.device} memory"}
+    print(json.dumps(result), flush=True)
+
+
+def run_case(case: Case, timeout_s: float) -> dict:
+    """Measure ``case`` in a fresh ``python -m medflow.bench --worker`` process."""
+    command = [sys.executable, "-m", "medflow.bench", "--worker", json.dumps(asdict(case))]
+    try:
+        proc = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout_s:.0f} s"}
+    lines = proc.stdout.strip().splitlines()
+    if proc.returncode != 0 or not lines:
+        reason = "killed (out of memory?)" if proc.returncode == -9 else f"exit code {proc.returncode}"
+        tail = proc.stderr.strip().splitlines()[-1:] or [""]
+        return {"error": f"{reason} {tail[0]}".strip()}
+    return json.loads(lines[-1])
+
+
+def run_cases(cases: list[Case], timeout_s: float) -> list[dict]:
+    """Run each case in its own worker, with a rich progress display."""
+    results = []
+    columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=console) as progress:
+        task = progress.add_task("measuring", total=len(cases))
+        for case in cases:
+            progress.update(task, description=case.label)
+            results.append(run_case(case, timeout_s))
+            progress.advance(task)
+    return results
+
+
+# ----- what runs where --------------------------------------------------------------------
+@dataclass
+class SpeedConfig:
+    """A preset on a volume (voxels) with optional model overrides and timed-step count;
+    ``why``: the reason when this is not what a GPU user would run."""
+
+    preset: str
+    shape: tuple[int, int, int]
+    overrides: dict = field(default_factory=dict)
+    timed: int = 3
+    why: str = ""
+
+
+def speed_configs(quick: bool, device: str) -> list[SpeedConfig]:
+    """GPU: both presets on the 2 mm brain volume. CPU: ``small`` there, ``dualglow3d`` (510 M
+    parameters) on 32^3 voxels. Quick: 32^3 for ``small``, 16^3 and 2 steps per level for ``dualglow3d``."""
+    if quick:
+        return [SpeedConfig("small", (32, 32, 32), why="--quick"),
+                SpeedConfig("dualglow3d", (16, 16, 16), {"steps": [2, 2, 2, 2]}, why="--quick")]
+    if device == "cuda":
+        return [SpeedConfig("small", GPU_VOLUME, timed=10), SpeedConfig("dualglow3d", GPU_VOLUME, timed=5)]
+    return [SpeedConfig("small", GPU_VOLUME, timed=5),
+            SpeedConfig("dualglow3d", (32, 32, 32), timed=3,
+                        why="the 2 mm volume is too slow for a CPU benchmark with width-512 subnets at every level")]
+
+
+def speed_cases(config: SpeedConfig, device: str) -> list[Case]:
+    """medflow with plain autograd, medflow with the memory-saving backward, the FrEIA peer."""
+    common = dict(task="train", preset=config.preset, shape=config.shape, overrides=config.overrides,
+                  timed=config.timed, device=device)
+    return [Case(**common), Case(**common, recompute=True), Case(**common, impl="peer")]
+
+
+def synthesis_cases(quick: bool, devices: list[str]) -> list[Case]:
+    """``small`` on the 2 mm brain volume (quick: 48x56x48), 1 and 8 samples at T = 0.5, per device."""
+    shape = (48, 56, 48) if quick else GPU_VOLUME
+    return [Case("sample", "small", shape, samples=n, timed=3 if n > 1 else 5, device=d)
+            for d in devices for n in (1, 8)]
+
+
+# ----- quality ------------------------------------------------------------------------------
+def quality_budget(elapsed_s: float) -> float:
+    """Seconds of training for each of the two models so the whole run fits ``TOTAL_BUDGET_S``."""
+    return max(MIN_QUALITY_BUDGET_S, (TOTAL_BUDGET_S - elapsed_s - QUALITY_RESERVE_S) / 2)
+
+
+def training_progress() -> Progress:
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.fields[info]}"),
+                    TimeElapsedColumn(), console=console)
+
+
+def train_unet(trainer, budget_s: float, progress: Progress):
+    """MONAI BasicUNet, L1 loss from scaled MRI to scaled PET, on the flow's own training batches
+    (``trainer.train_batch``: same cache, augmentation and batch size) for ``budget_s`` seconds."""
+    from monai.networks.nets import BasicUNet
+
+    torch.manual_seed(0)
+    net = BasicUNet(spatial_dims=3, in_channels=len(trainer.settings["mri_columns"]), out_channels=1,
+                    features=(16, 16, 32, 64, 128, 16)).to(trainer.device)
+    optimizer = torch.optim.AdamW(net.parameters(), lr=1e-3)
+    task = progress.add_task("U-Net", total=None, info="")
+    start, step = time.monotonic(), 0
+    while time.monotonic() - start < budget_s:
+        mri, pet = trainer.train_batch(step)
+        loss = torch.nn.functional.l1_loss(net(mri), pet)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        step += 1
+        progress.update(task, completed=step, info=f"L1 {loss.item():.4f}")
+    return net.eval(), step
+
+
+@torch.no_grad()
+def unet_predict(net, tm, mri_paths, device: torch.device):
+    """U-Net prediction in PET units on the MRI's own grid (medflow's synthesis preprocessing)."""
+    from medflow.imageio import read_volume
+    from medflow.preprocess import pet_to_units, volume_to_metatensor
+    from medflow.synthesize import preprocessing_for, to_native_grid
+
+    transform = preprocessing_for(tm)
+    data = transform({"mri": volume_to_metatensor([read_volume(p, what="MRI") for p in mri_paths])})
+    mri = torch.as_tensor(data["mri"]).float()[None].to(device)
+    return to_native_grid(pet_to_units(net(mri)[0, 0], tm.prep), data, transform)
+
+
+def coverage(mean, std, ref, mask) -> float:
+    """Fraction of mask voxels whose reference lies within mean +- 1.645 std (ideal 0.90)."""
+    inside = abs(ref - mean) <= COVERAGE_Z * std
+    return float(inside[mask].mean())
+
+
+MEDFLOW_VARIANTS = {  # name: (temperature, samples)
+    "medflow, mean of 8 samples, T=0.5": (0.5, 8),
+    "medflow, mean of 8 samples, T=1.0": (1.0, 8),
+    "medflow, T=0 (prior mean)": (0.0, 1),
+    "medflow, single sample, T=0.5": (0.5, 1),
+}
+
+
+def score_test_subjects(tm, net, subjects, folder: Path, device: torch.device) -> dict:
+    """Per-method lists of metric dicts (PSNR dB, SSIM, NMSE, MAE in PET units) and the coverage
+    per temperature, over the test subjects, all on each subject's native grid inside its brain mask."""
+    from medflow.imageio import read_mask, read_volume
+    from medflow.metrics import compute_metrics
+    from medflow.synthesize import SynthesisOptions, synthesize_file
+
+    scores = {"U-Net (MONAI BasicUNet, L1)": [], **{name: [] for name in MEDFLOW_VARIANTS}}
+    calibration = {f"T={t}": [] for t, n in MEDFLOW_VARIANTS.values() if n > 1}
+    for s in subjects:
+        ref = read_volume(s.pet)
+        mask = read_mask(s.mask, like=ref)
+        pred = unet_predict(net, tm, s.mri, device)
+        scores["U-Net (MONAI BasicUNet, L1)"].append(compute_metrics(pred, ref.data, mask))
+        for name, (temperature, samples) in MEDFLOW_VARIANTS.items():
+            mean_path, std_path = folder / f"{s.subject}_mean.nii.gz", folder / f"{s.subject}_std.nii.gz"
+            synthesize_file(tm, s.mri, mean_path, SynthesisOptions(temperature, samples, overwrite=True), device,
+                            std_out=std_path if samples > 1 else None)
+            mean = read_volume(mean_path).data
+            scores[name].append(compute_metrics(mean, ref.data, mask))
+            if samples > 1:
+                calibration[f"T={temperature}"].append(coverage(mean, read_volume(std_path).data, ref.data, mask))
+    return {"scores": scores, "coverage": calibration}
+
+
+def run_quality(budget_s: float | None, device: torch.device, elapsed_s: float) -> dict:
+    """Demo data -> medflow ``small`` and the U-Net, each trained for the same budget -> test scores."""
+    from medflow.demo_data import make_demo_dataset
+    from medflow.manifest import read_manifest
+    from medflow.train import Trainer, TrainOptions
+    from medflow.trained import load_trained
+
+    start = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="medflow-bench-") as tmp:
+        work = Path(tmp)
+        console.print("generating demo data (32 subjects, 8 held out, 2 mm)")
+        data_csv = make_demo_dataset(work / "data", subjects=32, heldout=8, spacing=2.0)
+        budget = budget_s or quality_budget(elapsed_s + time.monotonic() - start)
+        console.print(f"training budget: {budget:.0f} s for each model")
+        trainer = Trainer(TrainOptions(data=data_csv, out=work / "run", preset="small", time_limit=budget,
+                                       device=device.type), reporter=console.print)
+        with training_progress() as progress:
+            summary = trainer.run(progress)
+        with training_progress() as progress:
+            net, unet_steps = train_unet(trainer, budget, progress)
+        tm = load_trained(work / "run", device)
+        test = [s for s in read_manifest(data_csv, ["mri"]) if s.split == "test"]
+        (work / "synth").mkdir()
+        console.print(f"scoring {len(test)} held-out subjects")
+        result = score_test_subjects(tm, net, test, work / "synth", device)
+    result.update(budget_s=budget, flow_steps=summary["step"], unet_steps=unet_steps,
+                  n_train=len(trainer.train_cache), n_val=len(trainer.val_cache), n_test=len(test),
+                  grid=list(trainer.prep.grid), spacing=list(trainer.prep.spacing),
+                  batch_size=trainer.batch_size, device=str(device), seconds=time.monotonic() - start)
+    return result
+
+
+# ----- report -------------------------------------------------------------------------------
+def md_table(headers: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def show(title: str, headers: list[str], rows: list[list[str]]) -> None:
+    """Print a table on the console."""
+    table = Table(title=title)
+    for h in headers:
+        table.add_column(h)
+    for row in rows:
+        table.add_row(*row)
+    console.print(table)
+
+
+def load_text() -> str:
+    """The 1-minute load average, a hint of other processes competing for the cores."""
+    return f"{os.getloadavg()[0]:.1f}" if hasattr(os, "getloadavg") else "n/a"
+
+
+def cpu_use_text(r: dict) -> str:
+    """Process CPU time over (wall time x threads) of the median step, in percent."""
+    return f"{100 * r['median_cpu_s'] / (r['median_s'] * r['threads']):.0f} %"
+
+
+def ratio_text(a: dict, b: dict, key: str) -> str:
+    if "error" in a or "error" in b:
+        return "n/a"
+    return f"{a[key] / b[key]:.2f}"
+
+
+def steps_text(config: SpeedConfig) -> str:
+    """Steps per level and coupling width of the model that ran."""
+    from medflow.presets import load_preset
+
+    model = {**load_preset(config.preset)["model"], **config.overrides}
+    return f"{model['steps']}, width {model['hidden']}"
+
+
+SPEED_NAMES = ("medflow, plain autograd", "medflow, memory-saving backward", "FrEIA peer, plain autograd")
+SPEED_HEADERS = ["preset", "volume (voxels)", "steps per level, width", "implementation", "trainable params",
+                 "step time (s)", "CPU use", "peak memory above baseline (MiB)", "baseline (MiB)",
+                 "grads + AdamW moments (MiB)"]
+RATIO_HEADERS = ["preset", "volume", "time: memory-saving / plain", "memory: memory-saving / plain",
+                 "time: medflow plain / peer", "memory: medflow plain / peer", "memory: medflow memory-saving / peer"]
+
+
+def speed_rows(configs: list[SpeedConfig], results: list[list[dict]]) -> list[list[str]]:
+    rows = []
+    for config, triple in zip(configs, results):
+        for name, r in zip(SPEED_NAMES, triple):
+            head = [config.preset, volume_text(config.shape), steps_text(config), name]
+            if "error" in r:
+                rows.append(head + ["failed: " + r["error"]] + [""] * (len(SPEED_HEADERS) - len(head) - 1))
+                continue
+            rows.append(head + [f"{r['params'] / 1e6:.1f} M", f"{r['median_s']:.2f}", cpu_use_text(r),
+                                f"{r['above_baseline_mib']:.0f}", f"{r['baseline_mib']:.0f}",
+                                f"{12 * r['params'] / MIB:.0f}"])
+    return rows
+
+
+def ratio_rows(configs: list[SpeedConfig], results: list[list[dict]]) -> list[list[str]]:
+    rows = []
+    for config, (plain, saving, peer) in zip(configs, results):
+        rows.append([config.preset, volume_text(config.shape),
+                     ratio_text(saving, plain, "median_s"), ratio_text(saving, plain, "above_baseline_mib"),
+                     ratio_text(plain, peer, "median_s"), ratio_text(plain, peer, "above_baseline_mib"),
+                     ratio_text(saving, peer, "above_baseline_mib")])
+    return rows
+
+
+PEER_DIFFERENCES = """\
+What differs between medflow and the FrEIA peer (`medflow/peer_flow.py`). Shared code: the
+coupling subnets (`coupling_subnet`: 3x3x3 -> 1x1x1 -> 3x3x3 convolutions of the same widths,
+last layer zero), the Gaussian priors (`GaussianPrior`, conditioned on the kept half and on the
+MRI latent of the same level), the levels and splits, the MRI-feature conditioning of the PET
+couplings (where the preset has it) and the loss. Different:
+
+- Flow step. medflow: ActNorm -> invertible 1x1x1 convolution with a learned LU-parametrised
+  matrix -> affine coupling. Peer: `Fm.ActNorm` -> `Fm.AllInOneBlock`, i.e. affine coupling ->
+  learned per-channel affine (softplus-parametrised) -> fixed random channel permutation,
+  applied as a 1x1x1 convolution with a permutation matrix. Both evaluate one subnet and one
+  dense CxC channel mix per step; the peer's mix is not learned, hence its fewer trainable
+  parameters.
+- Coupling clamp: medflow `(2c/pi) atan(s/c)`, `AllInOneBlock` `c tanh(0.1 s)`.
+- Squeeze: both move each 2x2x2 block into channels; the peer's is an `Fm.InvertibleModule`
+  written for it, since FrEIA's downsampling modules are 2D only.
+- Backward: the peer keeps every activation (FrEIA has no memory-saving backward); medflow's
+  memory-saving backward (`set_recompute(True)`) rebuilds each step's input from its output.
+- Graph: the peer runs one FrEIA `SequenceINN` per level, built for one fixed volume size."""
+
+
+def volume_note(configs: list[SpeedConfig]) -> str:
+    """Which runs differ from what a GPU user would run, and why."""
+    notes = [f"`{c.preset}` ran on {volume_text(c.shape)} voxels with steps per level {steps_text(c)} ({c.why})"
+             for c in configs if c.why]
+    if not notes:
+        return ""
+    return (f"A GPU user trains both presets on the 2 mm brain volume, {volume_text(GPU_VOLUME)} voxels. "
+            "Here " + "; ".join(notes) + ".\n")
+
+
+def memory_method(device: str) -> str:
+    if device == "cuda":
+        return ("Baseline = `torch.cuda.memory_allocated` after imports, model build and ActNorm "
+                "initialisation; peak = `torch.cuda.max_memory_allocated` after that.")
+    return ("Baseline = resident set size (RSS, VmRSS) after imports, model build and ActNorm "
+            "initialisation; peak = the RSS high-water mark (VmHWM) after that, reset through "
+            "`/proc/self/clear_refs` (`getrusage` ru_maxrss cannot be reset, and in a spawned process "
+            "it starts at the parent's RSS).")
+
+
+def speed_markdown(configs: list[SpeedConfig], results: list[list[dict]], device: str, load: str) -> str:
+    timed = ", ".join(f"{c.timed} for {c.preset}" for c in configs)
+    return f"""## 1. Training speed and memory ({device})
+
+One training step = forward, backward and one AdamW step on batch 1 (random volumes), after
+ActNorm was initialised by one training-mode forward without gradients. Step time = median
+over timed steps ({timed}) after one untimed warm-up step, {usable_cores()} torch threads; CPU use
+= process CPU time / (step time x threads). Every row is a fresh process. {memory_method(device)}
+The peak above baseline covers gradients, AdamW moments (last column: 12 bytes per parameter)
+and activations. 1-minute load average when the section started: {load}.
+
+{volume_note(configs)}
+{md_table(SPEED_HEADERS, speed_rows(configs, results))}
+
+Ratios (below 1: the first is faster or smaller):
+
+{md_table(RATIO_HEADERS, ratio_rows(configs, results))}
+
+{PEER_DIFFERENCES}
+"""
+
+
+SYNTH_HEADERS = ["device", "preset", "model grid (voxels)", "samples", "latency (s)", "CPU use",
+                 "peak memory above baseline (MiB)"]
+
+
+def synthesis_rows(cases: list[Case], results: list[dict]) -> list[list[str]]:
+    rows = []
+    for case, r in zip(cases, results):
+        head = [case.device, case.preset, volume_text(case.shape), str(case.samples)]
+        if "error" in r:
+            rows.append(head + ["failed: " + r["error"], "", ""])
+        else:
+            rows.append(head + [f"{r['median_s']:.2f}", cpu_use_text(r), f"{r['above_baseline_mib']:.0f}"])
+    return rows
+
+
+def synthesis_markdown(cases: list[Case], results: list[dict], load: str) -> str:
+    return f"""## 2. Synthesis latency
+
+`DualGlow.sample(mri, temperature=0.5, n)` for one volume: one MRI encoding and n inverse
+passes of the PET flow, with untrained weights whose ActNorm was initialised by one
+training-mode forward. Latency = median over {cases[0].timed} (n = 1) or {cases[-1].timed} (n = 8)
+calls after one untimed warm-up call; file reading, preprocessing and writing are not
+included. Memory and CPU use as in section 1. 1-minute load average when the section
+started: {load}.
+
+{md_table(SYNTH_HEADERS, synthesis_rows(cases, results))}
+"""
+
+
+def mean_sd(values: list[float], digits: int) -> str:
+    sd = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.mean(values):.{digits}f} ± {sd:.{digits}f}"
+
+
+QUALITY_HEADERS = ["method", "PSNR (dB)", "SSIM", "NMSE", "MAE (PET units)"]
+
+
+def quality_rows(result: dict) -> list[list[str]]:
+    rows = []
+    for method, per_subject in result["scores"].items():
+        rows.append([method] + [mean_sd([m[k] for m in per_subject], d)
+                                for k, d in (("psnr", 2), ("ssim", 3), ("nmse", 4), ("mae", 4))])
+    return rows
+
+
+def quality_markdown(result: dict) -> str:
+    coverage_rows = [[f"mean ± 1.645 std of 8 samples, {t}", mean_sd([100 * c for c in values], 1)]
+                     for t, values in result["coverage"].items()]
+    return f"""## 3. Synthesis quality on the demo data
+
+Demo data from `medflow.demo_data.make_demo_dataset` (32 subjects at 2 mm, 8 held out):
+{result['n_train']} training, {result['n_val']} validation and {result['n_test']} test subjects, on {result['device']}. medflow
+`small` (`medflow.train.Trainer`: {result['spacing'][0]:g} mm spacing of the preset, model grid
+{volume_text(result['grid'])}, batch {result['batch_size']}) and a MONAI `BasicUNet` (features 16, 16, 32,
+64, 128, 16; L1 loss from scaled MRI to scaled PET; AdamW, lr 1e-3) each trained for
+{result['budget_s']:.0f} s of wall-clock time on the same batches (same preprocessing, augmentation
+and batch size): {result['flow_steps']} medflow steps, {result['unet_steps']} U-Net steps. Predictions on the
+test subjects are mapped back to each subject's own grid (`medflow.synthesize.to_native_grid`)
+and scored inside its brain mask by `medflow.metrics.compute_metrics`; mean ± SD over the
+{result['n_test']} test subjects. This section took {result['seconds'] / 60:.1f} min.
+
+{md_table(QUALITY_HEADERS, quality_rows(result))}
+
+Calibration of the uncertainty: percentage of brain-mask voxels whose true PET lies within
+mean ± 1.645 std of the 8 samples (ideal: 90 %), mean ± SD over the test subjects.
+
+{md_table(["interval", "coverage (%)"], coverage_rows)}
+"""
+
+
+def header_markdown(command: str, machine: dict, vers: dict, started: datetime) -> str:
+    return f"""# medflow benchmarks
+
+Written by `{command}`, started {started:%Y-%m-%d %H:%M} UTC; every number below comes from
+that run (re-run `make bench` to refresh). Times in seconds, memory in MiB.
+
+- Machine: {machine['cpu']}, {machine['cores']} cores, {machine['ram_gib']:.1f} GiB RAM, GPU: {machine['gpu'] or 'none'}.
+- Versions: Python {vers['python']}, torch {vers['torch']}, MONAI {vers['monai']}, FrEIA {vers['FrEIA']}, medflow {vers['medflow']}.
+"""
+
+
+# ----- main -------------------------------------------------------------------------------------
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m medflow.bench", description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small sizes only, no quality section (< 3 min)")
+    parser.add_argument("--out", type=Path, default=Path("BENCHMARKS.md"), help="report file")
+    parser.add_argument("--sections", default="speed,synthesis,quality",
+                        help="comma-separated subset of speed,synthesis,quality")
+    parser.add_argument("--quality-budget", type=float, default=None,
+                        help="training seconds per model in the quality section "
+                             f"(default: what keeps the whole run within {TOTAL_BUDGET_S / 60:.0f} min)")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                        help="device of the speed and quality sections (synthesis runs on the CPU and any GPU)")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    args.sections = [s.strip() for s in args.sections.split(",") if s.strip()]
+    unknown = set(args.sections) - {"speed", "synthesis", "quality"}
+    if unknown:
+        parser.error(f"unknown section(s): {', '.join(sorted(unknown))}")
+    if args.quick and "quality" in args.sections:
+        args.sections.remove("quality")
+    return args
+
+
+def speed_section(quick: bool, device: str, timeout_s: float) -> str:
+    """Run the training-step measurements; returns the markdown section."""
+    load = load_text()
+    configs = speed_configs(quick, device)
+    flat = run_cases([case for config in configs for case in speed_cases(config, device)], timeout_s)
+    results = [flat[i:i + len(SPEED_NAMES)] for i in range(0, len(flat), len(SPEED_NAMES))]
+    show("training step", SPEED_HEADERS, speed_rows(configs, results))
+    show("ratios", RATIO_HEADERS, ratio_rows(configs, results))
+    return speed_markdown(configs, results, device, load)
+
+
+def synthesis_section(quick: bool, timeout_s: float) -> str:
+    """Run the sampling measurements on the CPU and any GPU; returns the markdown section."""
+    load = load_text()
+    cases = synthesis_cases(quick, ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+    results = run_cases(cases, timeout_s)
+    show("synthesis", SYNTH_HEADERS, synthesis_rows(cases, results))
+    return synthesis_markdown(cases, results, load)
+
+
+def quality_section(budget_s: float | None, device: str, elapsed_s: float) -> str:
+    """Train, synthesize and score on the demo data; returns the markdown section."""
+    result = run_quality(budget_s, torch.device(device), elapsed_s)
+    show("quality", QUALITY_HEADERS, quality_rows(result))
+    return quality_markdown(result)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.worker:
+        run_worker(args.worker)
+        return
+    started, clock = datetime.now(timezone.utc), time.monotonic()
+    device = "cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu"
+    torch.set_num_threads(usable_cores())
+    command = shlex.join(["python", "-m", "medflow.bench", *(sys.argv[1:] if argv is None else argv)])
+    parts = [header_markdown(command, machine_info(), versions(), started)]
+    timeout = 180.0 if args.quick else 900.0
+    sections = {"speed": lambda: speed_section(args.quick, device, timeout),
+                "synthesis": lambda: synthesis_section(args.quick, timeout),
+                "quality": lambda: quality_section(args.quality_budget, device, time.monotonic() - clock)}
+    for name in args.sections:
+        parts.append(sections[name]())
+        args.out.write_text("\n".join(parts))
+    parts.append(f"Total time of this run: {(time.monotonic() - clock) / 60:.1f} min.\n")
+    args.out.write_text("\n".join(parts))
+    console.print(f"wrote {args.out} in {(time.monotonic() - clock) / 60:.1f} min")
+
+
+if __name__ == "__main__":
+    main()

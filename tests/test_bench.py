@@ -1,0 +1,94 @@
+"""Smoke tests of the benchmark's building blocks (no timing assertions)."""
+
+import numpy as np
+import pytest
+import torch
+
+from medflow import bench
+from medflow.model import DualGlow
+from medflow.peer_flow import PeerDualGlow, Squeeze3d, peer_level
+
+SHAPE = (16, 16, 16)
+
+
+def test_peer_level_is_invertible_with_opposite_logdet():
+    torch.manual_seed(0)
+    level = peer_level(2, (8, 8, 8), steps=2, hidden=8, clamp=2.0, cond_channels=3)
+    x, cond = torch.randn(2, 2, 8, 8, 8), [torch.randn(2, 3, 4, 4, 4)]
+    y, logdet = level(x, c=cond)
+    x_back, logdet_back = level(y, c=cond, rev=True)
+    assert y.shape == (2, 16, 4, 4, 4)
+    torch.testing.assert_close(x_back, x, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(logdet + logdet_back, torch.zeros(2), atol=1e-3, rtol=0)
+
+
+def test_peer_squeeze_rejects_odd_sizes():
+    assert Squeeze3d([(1, 4, 6, 4)]).output_dims([(1, 4, 6, 4)]) == [(8, 2, 3, 2)]
+    with pytest.raises(ValueError):
+        peer_level(1, (4, 5, 4), steps=1, hidden=8, clamp=2.0, cond_channels=0)
+
+
+def test_peer_has_medflow_latents_and_a_finite_loss():
+    torch.manual_seed(0)
+    peer, ours = PeerDualGlow.from_preset("tiny", SHAPE), DualGlow.from_preset("tiny")
+    mri, pet = bench.example_pair(SHAPE, torch.device("cpu"))
+    _, enc_peer = peer.mri_flow.log_prob(mri)
+    _, enc_ours = ours.encode_mri(mri)
+    assert [z.shape for z in enc_peer.zs] == [z.shape for z in enc_ours.zs]
+    loss, terms = peer.loss(pet, mri)
+    loss.backward()
+    assert torch.isfinite(loss) and terms["pet_bpv"].shape == (1,)
+
+
+@pytest.mark.parametrize("case", [
+    bench.Case("train", "tiny", SHAPE, timed=1),
+    bench.Case("train", "tiny", SHAPE, recompute=True, timed=1),
+    bench.Case("train", "tiny", SHAPE, impl="peer", timed=1),
+    bench.Case("sample", "tiny", SHAPE, samples=2, timed=1),
+])
+def test_measure_reports_times_and_memory(case):
+    result = bench.measure(case)
+    assert len(result["times_s"]) == 1 and result["median_s"] > 0
+    assert result["baseline_mib"] > 0 and result["peak_mib"] > 0
+    assert result["params"] > 0
+
+
+def test_worker_process_prints_a_measurement():
+    result = bench.run_case(bench.Case("train", "tiny", SHAPE, timed=1), timeout_s=120)
+    assert "error" not in result, result
+    assert result["params"] == DualGlow.from_preset("tiny").num_parameters()
+
+
+def test_worker_failure_is_reported_not_raised():
+    result = bench.run_case(bench.Case("train", "no-such-preset", SHAPE), timeout_s=120)
+    assert "error" in result
+
+
+def test_speed_markdown_lists_runs_ratios_and_failures():
+    configs = bench.speed_configs(quick=True, device="cpu")
+    ok = {"params": 1000, "median_s": 2.0, "median_cpu_s": 3.0, "threads": 2, "baseline_mib": 100.0,
+          "above_baseline_mib": 50.0}
+    results = [[ok, {**ok, "median_s": 3.0, "above_baseline_mib": 25.0}, ok], [ok, {"error": "timed out"}, ok]]
+    text = bench.speed_markdown(configs, results, "cpu", load="0.5")
+    assert "| 1.50 | 0.50 | 1.00 | 1.00 | 0.50 |" in text and "| 75 % |" in text
+    assert "failed: timed out" in text and "--quick" in text
+
+
+def test_quality_markdown_and_coverage():
+    metrics = {"psnr": 20.0, "ssim": 0.8, "nmse": 0.05, "mae": 0.1}
+    result = {"scores": {"U-Net": [metrics, metrics]}, "coverage": {"T=0.5": [0.8, 0.9]}, "budget_s": 60.0,
+              "flow_steps": 10, "unet_steps": 20, "n_train": 22, "n_val": 2, "n_test": 2, "grid": [48, 56, 48],
+              "spacing": [4.0, 4.0, 4.0], "batch_size": 2, "device": "cpu", "seconds": 120.0}
+    text = bench.quality_markdown(result)
+    assert "| U-Net | 20.00 ± 0.00 | 0.800 ± 0.000 |" in text and "85.0 ± 7.1" in text
+    ref, mean, std = np.array([0.0, 1.0, 5.0]), np.zeros(3), np.ones(3)
+    assert bench.coverage(mean, std, ref, np.array([True, True, True])) == pytest.approx(2 / 3)
+
+
+def test_arguments_and_budget():
+    args = bench.parse_args(["--quick"])
+    assert args.sections == ["speed", "synthesis"]
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--sections", "speed,nonsense"])
+    assert bench.quality_budget(0.0) > bench.quality_budget(600.0) >= bench.MIN_QUALITY_BUDGET_S
+    assert bench.quality_budget(10 * bench.TOTAL_BUDGET_S) == bench.MIN_QUALITY_BUDGET_S
