@@ -33,8 +33,8 @@ class IntensityMapping:
         """pairs: iterable of (t1, pet, mask, zooms) on each subject's own grid."""
         xs, ys = [], []
         for t1, pet, mask, zooms in pairs:
-            xs.append(smoothed_t1(t1, mask, zooms)[mask])
-            ys.append(pet[mask])
+            xs.append(smoothed_t1(t1, mask, zooms)[mask].astype(np.float64))
+            ys.append(pet[mask].astype(np.float64))
         self.coefficients = np.polyfit(np.concatenate(xs), np.concatenate(ys), self.degree)
         return self
 

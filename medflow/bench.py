@@ -336,12 +336,12 @@ def train_unet(trainer, budget_s: float, progress: Progress):
 def unet_predict(net, tm, mri_paths, device: torch.device):
     """U-Net prediction in PET units on the MRI's own grid (medflow's synthesis preprocessing)."""
     from medflow.imageio import read_volume
-    from medflow.preprocess import pet_to_units, volume_to_metatensor
+    from medflow.preprocess import pet_to_units, plain_tensor, volume_to_metatensor
     from medflow.synthesize import preprocessing_for, to_native_grid
 
     transform = preprocessing_for(tm)
     data = transform({"mri": volume_to_metatensor([read_volume(p, what="MRI") for p in mri_paths])})
-    mri = torch.as_tensor(data["mri"]).float()[None].to(device)
+    mri = plain_tensor(data["mri"])[None].to(device)
     return to_native_grid(pet_to_units(net(mri)[0, 0], tm.prep), data, transform)
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from medflow.condition import ConditionEncoder
 from medflow.errors import ModelError
 from medflow.flows.glow import SQUEEZES, Glow3d
 from medflow.presets import load_preset
@@ -22,8 +23,10 @@ class DualGlowConfig:
     coupling subnets; prior_hidden: width of the prior networks; prior: ``mean_scale``
     (the MRI latent sets mean and scale of the PET prior) or ``mean`` (scale fixed at 1,
     as in the authors' code); coupling_condition: also feed the MRI flow's features of
-    each level into the PET couplings (cINN-style); lam: weight of log p(MRI);
-    n_bins: quantisation levels per unit intensity used for bits per voxel.
+    each level into the PET couplings (cINN-style); condition_width: if > 0, a condition
+    encoder (a small 3D U-Net on the MRI, ``medflow.condition``) of this width adds
+    multi-scale MRI features to the PET couplings and priors of every level; lam: weight of
+    log p(MRI); n_bins: quantisation levels per unit intensity used for bits per voxel.
     """
 
     mri_channels: int = 1
@@ -34,6 +37,7 @@ class DualGlowConfig:
     clamp: float = 2.0
     prior: str = "mean_scale"
     coupling_condition: bool = False
+    condition_width: int = 0
     lam: float = 0.001
     n_bins: int = 256
 
@@ -56,6 +60,8 @@ class DualGlowConfig:
             raise ModelError(f"prior must be 'mean' or 'mean_scale', got {self.prior!r}")
         if self.mri_channels < 1 or self.hidden < 1 or self.prior_hidden < 1:
             raise ModelError("mri_channels, hidden and prior_hidden must be positive")
+        if self.condition_width < 0:
+            raise ModelError("condition_width must be >= 0 (0 turns the condition encoder off)")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -86,10 +92,13 @@ class DualGlow(nn.Module):
         c = self.config
         steps = [int(k) for k in c.steps]
         self.mri_flow = Glow3d(c.mri_channels, steps, c.hidden, c.squeeze, c.clamp, prior_hidden=c.prior_hidden)
+        self.encoder = ConditionEncoder(c.mri_channels, c.condition_width, len(steps)) if c.condition_width else None
+        extra = [c.condition_width] * len(steps)
+        coupling = [f if c.coupling_condition else 0 for f in self.mri_flow.feature_channels]
         self.pet_flow = Glow3d(
             1, steps, c.hidden, c.squeeze, c.clamp,
-            coupling_cond_channels=self.mri_flow.feature_channels if c.coupling_condition else None,
-            prior_cond_channels=self.mri_flow.z_channels,
+            coupling_cond_channels=[a + b for a, b in zip(coupling, extra)],
+            prior_cond_channels=[a + b for a, b in zip(self.mri_flow.z_channels, extra)],
             prior_hidden=c.prior_hidden,
             learn_prior_scale=c.prior == "mean_scale",
         )
@@ -123,15 +132,20 @@ class DualGlow(nn.Module):
         """log p(mri) [B] in nats and the MRI encoding (latents and features)."""
         return self.mri_flow.log_prob(mri)
 
-    def _pet_conditions(self, enc_mri):
+    def _pet_conditions(self, mri, enc_mri):
+        """Per-level conditioning of the PET couplings (or None) and priors."""
+        extra = self.encoder(mri) if self.encoder is not None else None
         coupling = enc_mri.features if self.config.coupling_condition else None
+        if extra is not None:
+            coupling = extra if coupling is None else [torch.cat(p, dim=1) for p in zip(coupling, extra)]
+            return coupling, [torch.cat(p, dim=1) for p in zip(enc_mri.zs, extra)]
         return coupling, enc_mri.zs
 
     def log_prob(self, pet: torch.Tensor, mri: torch.Tensor) -> dict[str, torch.Tensor]:
         """Per-sample log-likelihoods [B]: ``pet`` = log p(pet|mri), ``mri`` = log p(mri) (nats),
         and the same as bits per voxel: ``pet_bpv``, ``mri_bpv``."""
         lp_mri, enc_mri = self.encode_mri(mri)
-        coupling, prior = self._pet_conditions(enc_mri)
+        coupling, prior = self._pet_conditions(mri, enc_mri)
         lp_pet, _ = self.pet_flow.log_prob(pet, coupling, prior)
         n = self.config.n_bins
         return {
@@ -160,7 +174,7 @@ class DualGlow(nn.Module):
         Each PET latent is mu_i + T sigma_i eps; T = 0 gives the prior means.
         """
         _, enc_mri = self.encode_mri(mri)
-        coupling, prior = self._pet_conditions(enc_mri)
+        coupling, prior = self._pet_conditions(mri, enc_mri)
         spatial = tuple(mri.shape[2:])
         draws = [
             self.pet_flow.sample(mri.shape[0], spatial, temperature, coupling, prior, generator)

@@ -130,6 +130,11 @@ def stage2(prep: Preprocessing, train: bool, keys=("mri", "pet")) -> Compose:
     return Compose(steps)
 
 
+def plain_tensor(data) -> torch.Tensor:
+    """MONAI output as a plain float32 tensor (no MetaTensor bookkeeping in the model)."""
+    return torch.as_tensor(data).as_subclass(torch.Tensor).float()
+
+
 def pet_to_units(pet: torch.Tensor, prep: Preprocessing) -> torch.Tensor:
     """Model-space PET ([-0.5, 0.5] scale) back to the training PET's units."""
     return (pet + 0.5) * prep.pet_scale

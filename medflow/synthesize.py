@@ -19,7 +19,7 @@ from monai.transforms import Compose, Invertd
 from medflow.device import check_fits
 from medflow.errors import InputError, QCError, ResourceError
 from medflow.imageio import read_volume, write_volume
-from medflow.preprocess import pet_to_units, stage1, stage2, volume_to_metatensor
+from medflow.preprocess import pet_to_units, plain_tensor, stage1, stage2, volume_to_metatensor
 from medflow.trained import TrainedModel
 
 QC_Z_LIMIT = 4.0
@@ -78,7 +78,7 @@ def synthesize_file(tm: TrainedModel, mri_paths: list[Path], out: Path, opts: Sy
     transform = preprocessing_for(tm)
     data = transform({"mri": volume_to_metatensor(volumes)})
     check_fits(int(np.prod(tm.prep.grid)) // 8, tm.model.config.hidden, device, str(mri_paths[0]))
-    mri = torch.as_tensor(data["mri"]).float()[None].to(device)
+    mri = plain_tensor(data["mri"])[None].to(device)
     generator = torch.Generator().manual_seed(opts.seed)
     try:
         with torch.no_grad():

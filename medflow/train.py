@@ -27,7 +27,7 @@ from medflow.errors import InputError, OutputError, TrainingError
 from medflow.manifest import Subject, read_manifest
 from medflow.metrics import compute_metrics
 from medflow.model import DualGlow, DualGlowConfig
-from medflow.preprocess import Preprocessing, grid_for, pet_to_units, robust_max, stage1, stage2
+from medflow.preprocess import Preprocessing, grid_for, pet_to_units, plain_tensor, robust_max, stage1, stage2
 from medflow.presets import load_preset
 
 
@@ -229,8 +229,8 @@ class Trainer:
     def train_batch(self, step: int):
         self.train_aug.set_random_state(seed=step_seed(self.opts.seed, step, 2 + self.dist.rank))
         items = [self.train_aug(self.train_cache[i]) for i in self.batch_indices(step)]
-        mri = torch.stack([torch.as_tensor(it["mri"]).float() for it in items]).to(self.device)
-        pet = torch.stack([torch.as_tensor(it["pet"]).float() for it in items]).to(self.device)
+        mri = torch.stack([plain_tensor(it["mri"]) for it in items]).to(self.device)
+        pet = torch.stack([plain_tensor(it["pet"]) for it in items]).to(self.device)
         g = torch.Generator().manual_seed(step_seed(self.opts.seed, step, 3 + self.dist.rank))
         n_bins = self.model.config.n_bins
         mri = mri + ((torch.rand(mri.shape, generator=g) - 0.5) / n_bins).to(self.device)
@@ -239,8 +239,8 @@ class Trainer:
 
     def eval_item(self, item):
         out = self.eval_tf(item)
-        mri = torch.as_tensor(out["mri"]).float()[None].to(self.device)
-        pet = torch.as_tensor(out["pet"]).float()[None].to(self.device)
+        mri = plain_tensor(out["mri"])[None].to(self.device)
+        pet = plain_tensor(out["pet"])[None].to(self.device)
         return mri, pet
 
     # ----- checkpoints --------------------------------------------------------------------

@@ -19,9 +19,9 @@ def paired_batch(n, size=8, seed=0):
     return mri * 0.3, pet
 
 
-def trained_tiny(steps=4):
+def trained_tiny(steps=4, **overrides):
     torch.manual_seed(0)
-    model = DualGlow.from_preset("tiny")
+    model = DualGlow.from_preset("tiny", **overrides)
     mri, pet = paired_batch(4)
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     for _ in range(steps):
@@ -39,6 +39,18 @@ def test_both_flows_round_trip_after_training():
     enc = model.mri_flow.encode(mri)
     zs, _ = model.pet_flow(pet, enc.features)
     assert (model.pet_flow.inverse(zs, enc.features) - pet).abs().max() < 1e-4
+
+
+def test_condition_encoder_feeds_every_level_and_keeps_round_trip():
+    model, mri, pet = trained_tiny(condition_width=6)
+    enc = model.mri_flow.encode(mri)
+    coupling, prior = model._pet_conditions(mri, enc)
+    assert [c.shape[1] for c in coupling] == [f + 6 for f in model.mri_flow.feature_channels]
+    zs, _ = model.pet_flow(pet, coupling)
+    assert (model.pet_flow.inverse(zs, coupling) - pet).abs().max() < 1e-4
+    loss, _ = model.train().loss(pet, mri)
+    loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.encoder.parameters())
 
 
 def test_bf16_subnets_keep_round_trip_exact():
@@ -63,8 +75,9 @@ def test_log_prob_terms_and_bits_per_voxel():
     assert torch.isclose(loss, -(terms["pet"] + 0.001 * terms["mri"]).mean() / voxels)
 
 
-def test_memory_saving_backward_matches_autograd():
-    model, mri, pet = trained_tiny()
+@pytest.mark.parametrize("overrides", [{}, {"condition_width": 6}, {"condition_width": 6, "coupling_condition": False}])
+def test_memory_saving_backward_matches_autograd(overrides):
+    model, mri, pet = trained_tiny(**overrides)
     perturb(model, scale=0.05)
     model.train()
     grads = {}
