@@ -109,6 +109,8 @@ def train(
     val: Path = typer.Option(None, help="Validation CSV/folder (default: --val-fraction of DATA)."),
     val_fraction: float = typer.Option(0.1, help="Fraction of training rows held out for validation."),
     mri_columns: str = typer.Option("mri", help="Comma-separated CSV columns stacked as MRI channels, e.g. mri,t2."),
+    side_columns: str = typer.Option("", help="Comma-separated CSV columns of side information (e.g. age,sex,dx) "
+                                             "that condition the top-level PET prior."),
     spacing: float = typer.Option(None, help="Model voxel size in mm (default: the preset's)."),
     grid: str = typer.Option(None, help="Model grid in voxels, e.g. 48,56,48 (default: fits the training data)."),
     steps: int = typer.Option(None, help="Stop after this many optimiser steps."),
@@ -139,7 +141,8 @@ def train(
     def body():
         opts = TrainOptions(
             data=data, out=out, preset=preset, val=val, val_fraction=val_fraction,
-            mri_columns=[c.strip() for c in mri_columns.split(",") if c.strip()], spacing=spacing,
+            mri_columns=[c.strip() for c in mri_columns.split(",") if c.strip()],
+            side_columns=[c.strip() for c in side_columns.split(",") if c.strip()], spacing=spacing,
             grid=parse_grid(grid), steps=steps, epochs=epochs, time_limit=parse_seconds(time_limit),
             batch_size=batch_size, lr=lr, warmup=warmup, ema=ema, seed=seed, device=device, bf16=bf16,
             recompute=memory_saving, checkpoint_every=checkpoint_every, val_every=val_every, resume=resume,
@@ -157,14 +160,18 @@ def train(
     guarded(body)
 
 
-def _batch_jobs(input_: Path, output: Path, mri_columns: list[str], allow_outside: bool):
-    """(subject, [mri paths], output path) for a file, a folder or a CSV input."""
+def _batch_jobs(input_: Path, output: Path, mri_columns: list[str], allow_outside: bool,
+                side_columns: list[str], side: dict[str, str]):
+    """(subject, [mri paths], output path, side information) for a file, a folder or a CSV input.
+
+    Side information: a CSV row's own columns, then ``side`` (from --side) for the rest."""
     from medflow.imageio import image_stem, is_image_path
     from medflow.manifest import read_csv_manifest
 
     if input_.suffix.lower() == ".csv":
         subjects = read_csv_manifest(input_, mri_columns, need_pet=False, allow_outside=allow_outside)
-        return [(s.subject, s.mri, output / f"{s.subject}.nii.gz") for s in subjects], True
+        return [(s.subject, s.mri, output / f"{s.subject}.nii.gz",
+                 {**side, **{c: s.side[c] for c in side_columns if c in s.side}}) for s in subjects], True
     if input_.is_dir() and not is_image_path(input_):
         if len(mri_columns) > 1:
             raise InputError(f"{input_}: the model needs {len(mri_columns)} MRI modalities; give a CSV with "
@@ -172,8 +179,8 @@ def _batch_jobs(input_: Path, output: Path, mri_columns: list[str], allow_outsid
         files = sorted(p for p in input_.iterdir() if is_image_path(p))
         if not files:
             raise InputError(f"{input_}: no images in folder")
-        return [(image_stem(p), [p], output / f"{image_stem(p)}.nii.gz") for p in files], True
-    return [(image_stem(input_), [input_], output)], False
+        return [(image_stem(p), [p], output / f"{image_stem(p)}.nii.gz", side) for p in files], True
+    return [(image_stem(input_), [input_], output, side)], False
 
 
 @app.command()
@@ -192,6 +199,9 @@ def synthesize(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing outputs."),
     strict_qc: bool = typer.Option(False, "--strict-qc", help="Fail inputs whose MRI likelihood is out of the "
                                                                "training range instead of warning."),
+    side: str = typer.Option(None, help="Side information for a model trained with it, e.g. age=74,sex=F,dx=AD "
+                                        "(a CSV input's own columns come first; omitted ones take the training "
+                                        "default: mean age, most frequent category)."),
     allow_outside_paths: bool = typer.Option(False, "--allow-outside-paths",
                                              help="Accept CSV paths that are absolute or leave the CSV's folder."),
 ):
@@ -200,6 +210,7 @@ def synthesize(
     Example: medflow synthesize sub-01_t1.nii.gz sub-01_pet.nii.gz --model runs/small --std sub-01_std.nii.gz
     """
     from medflow.device import resolve_device
+    from medflow.side import parse_side
     from medflow.synthesize import SynthesisOptions, synthesize_file
     from medflow.trained import load_trained
 
@@ -210,11 +221,15 @@ def synthesize(
             raise InputError("--temperature must be >= 0")
         dev = resolve_device(device)
         tm = load_trained(model, dev)
-        jobs, batch = _batch_jobs(input_, output, tm.mri_columns, allow_outside_paths)
+        side_values = parse_side(side)
+        if side_values and tm.side is None:
+            raise InputError(f"{model}: this model was trained without side information; drop --side")
+        jobs, batch = _batch_jobs(input_, output, tm.mri_columns, allow_outside_paths,
+                                  tm.side.columns if tm.side else [], side_values)
         opts = SynthesisOptions(temperature, samples, seed, overwrite, strict_qc)
         if not batch:
-            _, mri_paths, out_path = jobs[0]
-            result = synthesize_file(tm, mri_paths, out_path, opts, dev, std, qc, warn=_warn)
+            _, mri_paths, out_path, job_side = jobs[0]
+            result = synthesize_file(tm, mri_paths, out_path, opts, dev, std, qc, warn=_warn, side=job_side)
             out.print(f"wrote {out_path}  (MRI likelihood {result.mri_bpv:.3f} bit/voxel, {result.seconds:.1f} s)",
                       highlight=False)
             return
@@ -243,7 +258,7 @@ def _run_batch(tm, jobs, output, opts, dev, std_dir, qc_dir, skip_existing):
     rows, failures = [], 0
     with progress_bar() as progress:
         task = progress.add_task("synthesizing", total=len(jobs), info="")
-        for subject, mri_paths, out_path in jobs:
+        for subject, mri_paths, out_path, job_side in jobs:
             progress.update(task, info=subject)
             if skip_existing and out_path.exists():
                 rows.append((subject, "skipped", "output exists", ""))
@@ -253,7 +268,8 @@ def _run_batch(tm, jobs, output, opts, dev, std_dir, qc_dir, skip_existing):
             qc_path = qc_dir / (out_path.name.split(".")[0] + ".png") if qc_dir else None
             try:
                 result = synthesize_file(tm, mri_paths, out_path, opts, dev, std_path, qc_path,
-                                         warn=lambda m: progress.console.print(f"[yellow]warning:[/] {m}"))
+                                         warn=lambda m: progress.console.print(f"[yellow]warning:[/] {m}"),
+                                         side=job_side)
                 note = "" if result.qc_ok else "QC warning: MRI unlike training data"
                 rows.append((subject, "ok", note, f"{result.mri_bpv:.3f}"))
             except MedflowError as exc:

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from medflow.adversary import SideDiscriminator
 from medflow.condition import ConditionEncoder
 from medflow.errors import ModelError
 from medflow.flows.glow import SQUEEZES, Glow3d
@@ -25,8 +26,12 @@ class DualGlowConfig:
     as in the authors' code); coupling_condition: also feed the MRI flow's features of
     each level into the PET couplings (cINN-style); condition_width: if > 0, a condition
     encoder (a small 3D U-Net on the MRI, ``medflow.condition``) of this width adds
-    multi-scale MRI features to the PET couplings and priors of every level; lam: weight of
-    log p(MRI); n_bins: quantisation levels per unit intensity used for bits per voxel.
+    multi-scale MRI features to the PET couplings and priors of every level; side_channels:
+    length of the side-information vector (age, sex, diagnosis... see ``medflow.side``) that
+    conditions the top level's PET prior, 0 for none; side_adversary: weight of the
+    gradient-reversal discriminators that push side information out of the lower PET
+    latents; lam: weight of log p(MRI); n_bins: quantisation levels per unit intensity used
+    for bits per voxel.
     """
 
     mri_channels: int = 1
@@ -38,6 +43,8 @@ class DualGlowConfig:
     prior: str = "mean_scale"
     coupling_condition: bool = False
     condition_width: int = 0
+    side_channels: int = 0
+    side_adversary: float = 0.1
     lam: float = 0.001
     n_bins: int = 256
 
@@ -60,6 +67,8 @@ class DualGlowConfig:
             raise ModelError(f"prior must be 'mean' or 'mean_scale', got {self.prior!r}")
         if self.mri_channels < 1 or self.hidden < 1 or self.prior_hidden < 1:
             raise ModelError("mri_channels, hidden and prior_hidden must be positive")
+        if self.side_channels < 0 or self.side_adversary < 0:
+            raise ModelError("side_channels and side_adversary must be >= 0")
         if self.condition_width < 0:
             raise ModelError("condition_width must be >= 0 (0 turns the condition encoder off)")
 
@@ -95,13 +104,18 @@ class DualGlow(nn.Module):
         self.encoder = ConditionEncoder(c.mri_channels, c.condition_width, len(steps)) if c.condition_width else None
         extra = [c.condition_width] * len(steps)
         coupling = [f if c.coupling_condition else 0 for f in self.mri_flow.feature_channels]
+        prior = [a + b for a, b in zip(self.mri_flow.z_channels, extra)]
+        prior[-1] += c.side_channels
         self.pet_flow = Glow3d(
             1, steps, c.hidden, c.squeeze, c.clamp,
             coupling_cond_channels=[a + b for a, b in zip(coupling, extra)],
-            prior_cond_channels=[a + b for a, b in zip(self.mri_flow.z_channels, extra)],
+            prior_cond_channels=prior,
             prior_hidden=c.prior_hidden,
             learn_prior_scale=c.prior == "mean_scale",
         )
+        self.discriminators = nn.ModuleList(
+            SideDiscriminator(z, c.side_channels) for z in self.pet_flow.z_channels[:-1]
+        ) if c.side_channels else None
 
     @classmethod
     def from_preset(cls, name_or_path: str | Path, **overrides) -> "DualGlow":
@@ -132,49 +146,68 @@ class DualGlow(nn.Module):
         """log p(mri) [B] in nats and the MRI encoding (latents and features)."""
         return self.mri_flow.log_prob(mri)
 
-    def _pet_conditions(self, mri, enc_mri):
-        """Per-level conditioning of the PET couplings (or None) and priors."""
+    def _pet_conditions(self, mri, enc_mri, side=None):
+        """Per-level conditioning of the PET couplings (or None) and priors; side [B, side_channels]."""
+        if self.config.side_channels and (side is None or side.shape[-1] != self.config.side_channels):
+            raise ValueError(f"this model needs a side vector of length {self.config.side_channels}")
         extra = self.encoder(mri) if self.encoder is not None else None
         coupling = enc_mri.features if self.config.coupling_condition else None
+        prior = list(enc_mri.zs)
         if extra is not None:
             coupling = extra if coupling is None else [torch.cat(p, dim=1) for p in zip(coupling, extra)]
-            return coupling, [torch.cat(p, dim=1) for p in zip(enc_mri.zs, extra)]
-        return coupling, enc_mri.zs
+            prior = [torch.cat(p, dim=1) for p in zip(prior, extra)]
+        if self.config.side_channels:
+            top = prior[-1]
+            side = side.to(top)[:, :, None, None, None].expand(-1, -1, *top.shape[2:])
+            prior[-1] = torch.cat([top, side], dim=1)
+        return coupling, prior
 
-    def log_prob(self, pet: torch.Tensor, mri: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Per-sample log-likelihoods [B]: ``pet`` = log p(pet|mri), ``mri`` = log p(mri) (nats),
-        and the same as bits per voxel: ``pet_bpv``, ``mri_bpv``."""
+    def side_adversary_loss(self, zs_pet: list[torch.Tensor], side: torch.Tensor) -> torch.Tensor:
+        """Mean squared error of the discriminators predicting ``side`` from the lower PET latents."""
+        losses = [((d(z) - side.to(z)) ** 2).mean() for d, z in zip(self.discriminators, zs_pet[:-1])]
+        return torch.stack(losses).mean() if losses else zs_pet[0].new_zeros(())
+
+    def log_prob(self, pet: torch.Tensor, mri: torch.Tensor, side: torch.Tensor | None = None) -> dict:
+        """Per-sample log-likelihoods [B]: ``pet`` = log p(pet|mri[, side]), ``mri`` = log p(mri)
+        (nats), the same as bits per voxel: ``pet_bpv``, ``mri_bpv``; with side information also
+        ``side_adversary``, the discriminators' loss (a scalar)."""
         lp_mri, enc_mri = self.encode_mri(mri)
-        coupling, prior = self._pet_conditions(mri, enc_mri)
-        lp_pet, _ = self.pet_flow.log_prob(pet, coupling, prior)
+        coupling, prior = self._pet_conditions(mri, enc_mri, side)
+        lp_pet, enc_pet = self.pet_flow.log_prob(pet, coupling, prior)
         n = self.config.n_bins
-        return {
+        terms = {
             "pet": lp_pet,
             "mri": lp_mri,
             "pet_bpv": bits_per_voxel(lp_pet, pet, n),
             "mri_bpv": bits_per_voxel(lp_mri, mri, n),
         }
+        if self.discriminators is not None:
+            terms["side_adversary"] = self.side_adversary_loss(enc_pet.zs, side)
+        return terms
 
-    def forward(self, pet: torch.Tensor, mri: torch.Tensor):
+    def forward(self, pet: torch.Tensor, mri: torch.Tensor, side: torch.Tensor | None = None):
         """The training loss (see ``loss``); the entry point used through DistributedDataParallel."""
-        return self.loss(pet, mri)
+        return self.loss(pet, mri, side)
 
-    def loss(self, pet: torch.Tensor, mri: torch.Tensor):
-        """Training loss in nats per PET voxel, and the ``log_prob`` terms."""
-        terms = self.log_prob(pet, mri)
+    def loss(self, pet: torch.Tensor, mri: torch.Tensor, side: torch.Tensor | None = None):
+        """Training loss in nats per PET voxel (plus the weighted discriminator loss), and the terms."""
+        terms = self.log_prob(pet, mri, side)
         voxels = pet[0].numel()
         loss = -(terms["pet"] + self.config.lam * terms["mri"]).mean() / voxels
+        if "side_adversary" in terms:
+            loss = loss + self.config.side_adversary * terms["side_adversary"]
         return loss, terms
 
     @torch.no_grad()
     def sample(self, mri: torch.Tensor, temperature: float = 0.7, n: int = 1,
-               generator: torch.Generator | None = None) -> torch.Tensor:
+               generator: torch.Generator | None = None, side: torch.Tensor | None = None) -> torch.Tensor:
         """Draw n PET volumes per MRI: returns [n, B, 1, D, H, W].
 
-        Each PET latent is mu_i + T sigma_i eps; T = 0 gives the prior means.
+        Each PET latent is mu_i + T sigma_i eps; T = 0 gives the prior means. ``side``
+        [B, side_channels] is required when the model was trained with side information.
         """
         _, enc_mri = self.encode_mri(mri)
-        coupling, prior = self._pet_conditions(mri, enc_mri)
+        coupling, prior = self._pet_conditions(mri, enc_mri, side)
         spatial = tuple(mri.shape[2:])
         draws = [
             self.pet_flow.sample(mri.shape[0], spatial, temperature, coupling, prior, generator)

@@ -68,8 +68,12 @@ def qc_score(bpv: float, qc: dict | None) -> float | None:
 
 def synthesize_file(tm: TrainedModel, mri_paths: list[Path], out: Path, opts: SynthesisOptions,
                     device: torch.device, std_out: Path | None = None, qc_png: Path | None = None,
-                    warn=None) -> SynthesisResult:
-    """Synthesize one PET from co-registered MRI file(s) given in ``tm.mri_columns`` order."""
+                    warn=None, side: dict[str, str] | None = None) -> SynthesisResult:
+    """Synthesize one PET from co-registered MRI file(s) given in ``tm.mri_columns`` order.
+
+    ``side``: covariates such as {"age": "74", "dx": "AD"} for a model trained with side
+    information (missing ones take their training defaults); ignored by other models.
+    """
     start = time.monotonic()
     if len(mri_paths) != len(tm.mri_columns):
         raise InputError(f"{mri_paths[0]}: model expects {len(tm.mri_columns)} MRI modalities "
@@ -79,11 +83,12 @@ def synthesize_file(tm: TrainedModel, mri_paths: list[Path], out: Path, opts: Sy
     data = transform({"mri": volume_to_metatensor(volumes)})
     check_fits(int(np.prod(tm.prep.grid)) // 8, tm.model.config.hidden, device, str(mri_paths[0]))
     mri = plain_tensor(data["mri"])[None].to(device)
+    side_vector = tm.side.encode(side or {}, str(mri_paths[0]))[None].to(device) if tm.side else None
     generator = torch.Generator().manual_seed(opts.seed)
     try:
         with torch.no_grad():
             lp_mri, _ = tm.model.encode_mri(mri)
-            draws = tm.model.sample(mri, opts.temperature, opts.samples, generator)[:, 0, 0]
+            draws = tm.model.sample(mri, opts.temperature, opts.samples, generator, side_vector)[:, 0, 0]
     except torch.OutOfMemoryError:
         raise ResourceError(f"{mri_paths[0]}: model grid {tuple(tm.prep.grid)} does not fit in {device} memory; "
                             "use --device cpu or fewer --samples") from None

@@ -29,6 +29,7 @@ from medflow.metrics import compute_metrics
 from medflow.model import DualGlow, DualGlowConfig
 from medflow.preprocess import Preprocessing, grid_for, pet_to_units, plain_tensor, robust_max, stage1, stage2
 from medflow.presets import load_preset
+from medflow.side import SideSpec
 
 
 @dataclass
@@ -41,6 +42,7 @@ class TrainOptions:
     val: Path | None = None
     val_fraction: float = 0.1
     mri_columns: list[str] = field(default_factory=lambda: ["mri"])
+    side_columns: list[str] = field(default_factory=list)
     spacing: float | None = None
     grid: tuple[int, int, int] | None = None
     steps: int | None = None
@@ -65,8 +67,10 @@ class TrainOptions:
     model_overrides: dict = field(default_factory=dict)
 
 
-def _records(subjects: list[Subject]) -> list[dict]:
-    return [{"mri": [str(p) for p in s.mri], "pet": str(s.pet), "subject": s.subject} for s in subjects]
+def _records(subjects: list[Subject], side: SideSpec | None, source: str) -> list[dict]:
+    """Dataset rows: MRI paths, PET path, name and the encoded side vector (empty without side information)."""
+    return [{"mri": [str(p) for p in s.mri], "pet": str(s.pet), "subject": s.subject,
+             "side": side.encode(s.side, f"{source} ({s.subject})").tolist() if side else []} for s in subjects]
 
 
 def split_subjects(subjects: list[Subject], val_fraction: float, seed: int):
@@ -167,6 +171,7 @@ class Trainer:
             "spacing": [spacing] * 3,
             "grid": list(opts.grid) if opts.grid else None,
             "mri_columns": list(opts.mri_columns),
+            "side_columns": list(opts.side_columns),
             "seed": opts.seed,
             "train": {"batch_size": opts.batch_size, "lr": opts.lr, "warmup_steps": opts.warmup},
             "data": str(opts.data),
@@ -183,11 +188,17 @@ class Trainer:
         else:
             train, val = split_subjects(subjects, s["val_fraction"], s["seed"])
         self.train_subjects, self.val_subjects = train, val
+        if s.get("side_columns") and "side" not in s:
+            spec = SideSpec.fit(s["side_columns"], [x.side for x in train], s["data"])
+            s["side"] = spec.to_dict()
+            s["model"]["side_channels"] = spec.width
+        self.side_spec = SideSpec.from_dict(s["side"]) if s.get("side") else None
         levels = len(s["model"]["steps"])
         pre = stage1(tuple(s["spacing"]), 2)
         self.report(f"loading {len(train)} training and {len(val)} validation subjects")
-        self.train_cache = CacheDataset(_records(train), pre, progress=False, num_workers=0)
-        self.val_cache = CacheDataset(_records(val), pre, progress=False, num_workers=0) if val else []
+        self.train_cache = CacheDataset(_records(train, self.side_spec, s["data"]), pre, progress=False, num_workers=0)
+        self.val_cache = (CacheDataset(_records(val, self.side_spec, s["val"] or s["data"]), pre, progress=False,
+                                       num_workers=0) if val else [])
         if "preprocessing" in s:
             self.prep = Preprocessing.from_dict(s["preprocessing"])
         else:
@@ -235,13 +246,19 @@ class Trainer:
         n_bins = self.model.config.n_bins
         mri = mri + ((torch.rand(mri.shape, generator=g) - 0.5) / n_bins).to(self.device)
         pet = pet + ((torch.rand(pet.shape, generator=g) - 0.5) / n_bins).to(self.device)
-        return mri, pet
+        return mri, pet, self._side(items)
+
+    def _side(self, items) -> torch.Tensor | None:
+        """[B, side_channels] side vectors of a batch, or None without side information."""
+        if self.side_spec is None:
+            return None
+        return torch.tensor([it["side"] for it in items], dtype=torch.float32, device=self.device)
 
     def eval_item(self, item):
         out = self.eval_tf(item)
         mri = plain_tensor(out["mri"])[None].to(self.device)
         pet = plain_tensor(out["pet"])[None].to(self.device)
-        return mri, pet
+        return mri, pet, self._side([out])
 
     # ----- checkpoints --------------------------------------------------------------------
     def _state(self) -> dict:
@@ -264,6 +281,7 @@ class Trainer:
             "model": self.settings["model"],
             "preprocessing": self.prep.to_dict(),
             "mri_columns": self.settings["mri_columns"],
+            "side": self.settings.get("side"),
             "n_train": len(self.train_cache),
             "n_val": len(self.val_cache),
         }
@@ -302,10 +320,10 @@ class Trainer:
         model.eval()
         bpv, psnr, ssim = [], [], []
         for index, item in enumerate(self.val_cache):
-            mri, pet = self.eval_item(item)
-            bpv.append(model.log_prob(pet, mri)["pet_bpv"].item())
+            mri, pet, side = self.eval_item(item)
+            bpv.append(model.log_prob(pet, mri, side)["pet_bpv"].item())
             if index < self.opts.val_samples:
-                pred = pet_to_units(model.sample(mri, temperature=0.0)[0, 0, 0], self.prep).cpu().numpy()
+                pred = pet_to_units(model.sample(mri, temperature=0.0, side=side)[0, 0, 0], self.prep).cpu().numpy()
                 ref = pet_to_units(pet[0, 0], self.prep).cpu().numpy()
                 try:
                     m = compute_metrics(pred, ref)
@@ -335,9 +353,9 @@ class Trainer:
             self._write_run_config()
         if self.step == 0:
             self.model.train()
-            mri, pet = self.train_batch(0)
+            mri, pet, side = self.train_batch(0)
             with torch.no_grad():
-                self.model.loss(pet, mri)
+                self.model.loss(pet, mri, side)
         net = self.model
         if self.dist.enabled:
             net = torch.nn.parallel.DistributedDataParallel(self.model, device_ids=[self.device.index]
@@ -354,8 +372,8 @@ class Trainer:
                     stopped_by = "time limit"
                     break
                 t0 = time.monotonic()
-                mri, pet = self.train_batch(self.step)
-                loss, terms = net(pet, mri)
+                mri, pet, side = self.train_batch(self.step)
+                loss, terms = net(pet, mri, side)
                 ok = self._all_agree(bool(torch.isfinite(loss)))
                 grad_norm = float("nan")
                 if ok:
@@ -383,6 +401,8 @@ class Trainer:
                 row = {"step": self.step, "loss": loss.item(), "pet_bpv": terms["pet_bpv"].mean().item(),
                        "mri_bpv": terms["mri_bpv"].mean().item(), "lr": self.scheduler.get_last_lr()[0],
                        "grad_norm": grad_norm, "steps_per_s": 1.0 / max(1e-9, time.monotonic() - t0)}
+                if "side_adversary" in terms:
+                    row["side_adversary"] = terms["side_adversary"].item()
                 if self.val_cache and self.step % opts.val_every == 0:
                     row.update(self._validate_and_keep_best())
                 log.write(row)
@@ -421,7 +441,7 @@ class Trainer:
         model.eval()
         bpv = []
         for item in self.train_cache:
-            mri, _ = self.eval_item(item)
+            mri, _, _ = self.eval_item(item)
             bpv.append(model.encode_mri(mri)[0].item())
         voxels = mri[0].numel()
         bits = [(-lp / voxels + math.log(model.config.n_bins)) / math.log(2.0) for lp in bpv]
@@ -433,7 +453,7 @@ class Trainer:
 class MetricsLog:
     """metrics.csv in the run folder; on resume, rows after the resumed step are dropped."""
 
-    FIELDS = ["step", "loss", "pet_bpv", "mri_bpv", "lr", "grad_norm", "steps_per_s",
+    FIELDS = ["step", "loss", "pet_bpv", "mri_bpv", "lr", "grad_norm", "steps_per_s", "side_adversary",
               "val_pet_bpv", "val_psnr", "val_ssim"]
 
     def __init__(self, path: Path, from_step: int, enabled: bool):

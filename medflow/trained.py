@@ -11,6 +11,7 @@ from medflow.checkpoint import latest_valid_step, load_state, read_config
 from medflow.errors import ModelError
 from medflow.model import DualGlow, DualGlowConfig
 from medflow.preprocess import Preprocessing
+from medflow.side import SideSpec
 
 
 @dataclass
@@ -22,6 +23,7 @@ class TrainedModel:
     mri_columns: list[str]
     qc: dict | None
     weights: Path
+    side: SideSpec | None = None
 
 
 def weights_file(run_dir: Path) -> tuple[Path, dict]:
@@ -45,6 +47,7 @@ def load_trained(run_dir: str | Path, device: torch.device) -> TrainedModel:
         model = DualGlow(DualGlowConfig.from_dict(config["model"]))
         prep = Preprocessing.from_dict(config["preprocessing"])
         mri_columns = list(config["mri_columns"])
+        side = SideSpec.from_dict(config["side"]) if config.get("side") else None
     except (KeyError, TypeError, ValueError) as exc:
         raise ModelError(f"{run_dir / 'config.json'}: incomplete or invalid ({exc})") from None
     path, state = weights_file(run_dir)
@@ -52,4 +55,4 @@ def load_trained(run_dir: str | Path, device: torch.device) -> TrainedModel:
         model.load_state_dict(state["model"])
     except (KeyError, RuntimeError) as exc:
         raise ModelError(f"{path}: weights do not match config.json ({str(exc).splitlines()[0][:160]})") from None
-    return TrainedModel(model.to(device).eval(), prep, mri_columns, config.get("qc"), path)
+    return TrainedModel(model.to(device).eval(), prep, mri_columns, config.get("qc"), path, side)

@@ -126,8 +126,8 @@ def test_repeated_nonfinite_losses_stop_with_checkpoint_intact(pairs, tmp_path, 
     trainer = Trainer(opts, reporter=lambda m: None)
     original = DualGlow.loss
 
-    def poisoned(self, pet, mri):
-        loss, terms = original(self, pet, mri)
+    def poisoned(self, pet, mri, side=None):
+        loss, terms = original(self, pet, mri, side)
         return (loss * float("nan") if trainer.step >= 4 else loss), terms
 
     monkeypatch.setattr(DualGlow, "loss", poisoned)

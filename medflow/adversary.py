@@ -1,0 +1,40 @@
+"""Gradient reversal (Ganin & Lempitsky 2015) and the side-information discriminators of Dual-Glow.
+
+Each discriminator predicts the side vector from one lower-level PET latent. Its input
+passes through a gradient-reversal layer, so while the discriminator learns to predict,
+the flow is pushed to remove side information from that level: the covariates then
+act only through the top level's prior.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class _GradReverse(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, scale: float):
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return -ctx.scale * grad, None
+
+
+def grad_reverse(x: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    """Identity forward; multiplies the gradient by -scale backward."""
+    return _GradReverse.apply(x, scale)
+
+
+class SideDiscriminator(nn.Module):
+    """z [B, C, D, H, W] -> predicted side vector [B, side_channels]."""
+
+    def __init__(self, channels: int, side_channels: int, hidden: int = 16):
+        super().__init__()
+        self.net = nn.Sequential(nn.Conv3d(channels, hidden, 3, padding=1), nn.LeakyReLU(0.1),
+                                 nn.AdaptiveAvgPool3d(1), nn.Flatten(), nn.Linear(hidden, side_channels))
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.net(grad_reverse(z))

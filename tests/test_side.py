@@ -1,0 +1,88 @@
+"""Side information: encoding, gradient reversal, training and synthesis with covariates."""
+
+import csv
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from medflow import DualGlow
+from medflow.adversary import grad_reverse
+from medflow.cli import app
+from medflow.errors import InputError
+from medflow.side import SideSpec, parse_side
+from tests.paired_data import write_paired_csv
+
+ROWS = [{"age": "60", "sex": "F", "dx": "CN"}, {"age": "80", "sex": "M", "dx": "AD"}, {"age": "70", "sex": "F", "dx": "AD"}]
+
+
+def test_spec_standardises_numbers_one_hots_categories_and_fills_defaults():
+    spec = SideSpec.fit(["age", "sex", "dx"], ROWS, "train.csv")
+    assert spec.width == 1 + 2 + 2
+    assert spec.defaults == {"age": "70", "sex": "F", "dx": "AD"}
+    vec = spec.encode({"age": "80", "sex": "M", "dx": "CN"}, "x")
+    assert torch.allclose(vec, torch.tensor([1.0, 0.0, 1.0, 0.0, 1.0]))
+    assert torch.allclose(spec.encode({}, "x"), torch.tensor([0.0, 1.0, 0.0, 1.0, 0.0]))
+    assert SideSpec.from_dict(spec.to_dict()) == spec
+    with pytest.raises(InputError, match="not one of"):
+        spec.encode({"dx": "FTD"}, "x")
+    with pytest.raises(InputError, match="unknown side information height"):
+        spec.encode({"height": "180"}, "x")
+    with pytest.raises(InputError, match="not a number"):
+        spec.encode({"age": "old"}, "x")
+    assert parse_side("age=74, sex=F,dx=AD") == {"age": "74", "sex": "F", "dx": "AD"}
+    with pytest.raises(InputError):
+        parse_side("age74")
+
+
+def test_gradient_reversal_flips_the_sign():
+    x = torch.randn(3, requires_grad=True)
+    grad_reverse(x, 2.0).sum().backward()
+    assert torch.equal(x.grad, torch.full((3,), -2.0))
+
+
+def test_side_enters_the_top_prior_and_the_discriminators_train():
+    torch.manual_seed(0)
+    model = DualGlow.from_preset("tiny", side_channels=3)
+    mri, pet, side = torch.randn(2, 1, 8, 8, 8), torch.randn(2, 1, 8, 8, 8), torch.randn(2, 3)
+    loss, terms = model.loss(pet, mri, side)
+    assert terms["side_adversary"] > 0
+    loss.backward()
+    assert all(p.grad is not None for p in model.discriminators.parameters())
+    with pytest.raises(ValueError, match="side vector"):
+        model.loss(pet, mri)
+
+
+@pytest.fixture(scope="module")
+def side_run(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("side")
+    pairs = write_paired_csv(folder / "pairs", n=6)
+    rows = list(csv.DictReader(open(pairs)))
+    for i, row in enumerate(rows):
+        row.update(age=str(60 + 3 * i), dx="AD" if i % 2 else "CN")
+    with open(pairs, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    run = folder / "run"
+    result = CliRunner().invoke(app, ["train", str(pairs), "--out", str(run), "--preset", "tiny", "--steps", "6",
+                                      "--device", "cpu", "--spacing", "6", "--side-columns", "age,dx"])
+    assert result.exit_code == 0, result.stderr
+    return run, pairs.parent
+
+
+def test_synthesis_follows_the_side_information(side_run, tmp_path):
+    run, pairs = side_run
+    outs = {}
+    for dx in ("AD", "CN"):
+        out = tmp_path / f"{dx}.nii.gz"
+        result = CliRunner().invoke(app, ["synthesize", str(pairs / "sub-00_t1.nii.gz"), str(out), "--model", str(run),
+                                          "--side", f"dx={dx},age=70", "--temperature", "0"])
+        assert result.exit_code == 0, result.stderr
+        outs[dx] = nib.load(out).get_fdata()
+    assert not np.array_equal(outs["AD"], outs["CN"])
+    bad = CliRunner().invoke(app, ["synthesize", str(pairs / "sub-00_t1.nii.gz"), str(tmp_path / "x.nii.gz"),
+                                   "--model", str(run), "--side", "dx=FTD"])
+    assert bad.exit_code == 3 and "not one of" in bad.stderr and not (tmp_path / "x.nii.gz").exists()
