@@ -4,12 +4,18 @@ Each discriminator predicts the side vector from one lower-level PET latent. Its
 passes through a gradient-reversal layer, so while the discriminator learns to predict,
 the flow is pushed to remove side information from that level: the covariates then
 act only through the top level's prior.
+
+The game is kept bounded, or the flow wins it by inflating its latents until training
+diverges: the discriminator sees the latent divided by its root mean square (per sample,
+so scaling the latent changes nothing), and its predictions are squashed into +-BOUND.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+
+BOUND = 3.0  # largest absolute prediction: standardised numbers and one-hot categories lie well inside
 
 
 class _GradReverse(torch.autograd.Function):
@@ -29,7 +35,7 @@ def grad_reverse(x: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
 
 
 class SideDiscriminator(nn.Module):
-    """z [B, C, D, H, W] -> predicted side vector [B, side_channels]."""
+    """z [B, C, D, H, W] -> predicted side vector [B, side_channels], each value in (-BOUND, BOUND)."""
 
     def __init__(self, channels: int, side_channels: int, hidden: int = 16):
         super().__init__()
@@ -37,4 +43,6 @@ class SideDiscriminator(nn.Module):
                                  nn.AdaptiveAvgPool3d(1), nn.Flatten(), nn.Linear(hidden, side_channels))
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return self.net(grad_reverse(z))
+        z = grad_reverse(z)
+        rms = z.pow(2).mean(dim=tuple(range(1, z.dim())), keepdim=True).add(1e-6).sqrt()
+        return BOUND * torch.tanh(self.net(z / rms) / BOUND)

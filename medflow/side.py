@@ -56,6 +56,10 @@ class SideSpec:
     def width(self) -> int:
         return len(self.numeric) + sum(len(c) for c in self.categorical.values())
 
+    def pick(self, row: dict[str, str]) -> dict[str, str]:
+        """This model's covariates from a manifest row that may hold other columns too."""
+        return {column: row[column] for column in self.columns if column in row}
+
     def encode(self, values: dict[str, str], source: str) -> torch.Tensor:
         """Side vector [width]; missing columns take their defaults, unknown ones are an error."""
         unknown = sorted(set(values) - set(self.columns))

@@ -70,7 +70,7 @@ class TrainOptions:
 def _records(subjects: list[Subject], side: SideSpec | None, source: str) -> list[dict]:
     """Dataset rows: MRI paths, PET path, name and the encoded side vector (empty without side information)."""
     return [{"mri": [str(p) for p in s.mri], "pet": str(s.pet), "subject": s.subject,
-             "side": side.encode(s.side, f"{source} ({s.subject})").tolist() if side else []} for s in subjects]
+             "side": side.encode(side.pick(s.side), f"{source} ({s.subject})").tolist() if side else []} for s in subjects]
 
 
 def split_subjects(subjects: list[Subject], val_fraction: float, seed: int):

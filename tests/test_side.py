@@ -9,7 +9,7 @@ import torch
 from typer.testing import CliRunner
 
 from medflow import DualGlow
-from medflow.adversary import grad_reverse
+from medflow.adversary import BOUND, SideDiscriminator, grad_reverse
 from medflow.cli import app
 from medflow.errors import InputError
 from medflow.side import SideSpec, parse_side
@@ -43,6 +43,17 @@ def test_gradient_reversal_flips_the_sign():
     assert torch.equal(x.grad, torch.full((3,), -2.0))
 
 
+def test_inflating_a_latent_cannot_defeat_the_discriminator():
+    """The flow must not win the adversarial game by scaling its latents (that diverged training)."""
+    torch.manual_seed(0)
+    disc = SideDiscriminator(4, 3)
+    for p in disc.parameters():
+        torch.nn.init.normal_(p, std=3.0)
+    z = torch.randn(2, 4, 4, 4, 4)
+    assert torch.allclose(disc(z), disc(1e4 * z), atol=1e-5)
+    assert disc(torch.randn(2, 4, 4, 4, 4) * 1e6).abs().max() <= BOUND
+
+
 def test_side_enters_the_top_prior_and_the_discriminators_train():
     torch.manual_seed(0)
     model = DualGlow.from_preset("tiny", side_channels=3)
@@ -61,7 +72,7 @@ def side_run(tmp_path_factory):
     pairs = write_paired_csv(folder / "pairs", n=6)
     rows = list(csv.DictReader(open(pairs)))
     for i, row in enumerate(rows):
-        row.update(age=str(60 + 3 * i), dx="AD" if i % 2 else "CN")
+        row.update(age=str(60 + 3 * i), dx="AD" if i % 2 else "CN", site="A")  # site: not a side column
     with open(pairs, "w", newline="") as handle:
         writer = csv.DictWriter(handle, list(rows[0]))
         writer.writeheader()
