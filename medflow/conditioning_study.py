@@ -50,7 +50,9 @@ def write_test_csv(data_csv: Path) -> Path:
 
 
 def train_variant(data_csv: Path, test_csv: Path, out: Path, variant: str, seed: int, args) -> dict:
-    """Train one variant; returns steps, seconds and held-out PET bits per voxel of the final weights."""
+    """Train one variant; returns steps, seconds and held-out PET bits per voxel of the final weights
+    (NaN, with the reason, for a run that stopped on non-finite losses)."""
+    from medflow.errors import TrainingError
     from medflow.train import Trainer, TrainOptions
 
     mri_columns, side_columns = VARIANTS[variant]
@@ -59,8 +61,13 @@ def train_variant(data_csv: Path, test_csv: Path, out: Path, variant: str, seed:
                         val_every=10**9, val_samples=0, checkpoint_every=10**9)
     start = time.monotonic()
     trainer = Trainer(opts, reporter=lambda *_: None)
-    with training_progress() as progress:
-        summary = trainer.run(progress)
+    try:
+        with training_progress() as progress:
+            summary = trainer.run(progress)
+    except TrainingError as exc:
+        console.print(f"  [red]{exc}[/red]")
+        return {"variant": variant, "seed": seed, "steps": trainer.step, "seconds": time.monotonic() - start,
+                "heldout_pet_bpv": float("nan"), "failure": str(exc)}
     return {"variant": variant, "seed": seed, "steps": summary["step"], "seconds": time.monotonic() - start,
             "heldout_pet_bpv": summary["val_pet_bpv"]}
 
@@ -105,15 +112,17 @@ def study_markdown(command: str, started: datetime, runs: list[dict], contrast: 
              f"{np.mean([r['seconds'] for r in rs]):.0f}"] for v, rs in by_variant.items()]
     contrast_rows = [[c["subject"], c["dx"], f"{c['core']:.4f}", f"{100 * c['core_relative']:.1f}",
                       f"{c['rest']:.4f}", f"{100 * c['rest_relative']:.1f}"] for c in contrast]
+    failures = "".join(f"\n\nRun {r['variant']}, seed {r['seed']} failed: {r['failure']}"
+                       for r in runs if "failure" in r)
     core = [c["core_relative"] for c in contrast]
     rest = [c["rest_relative"] for c in contrast]
     return f"""{header_markdown(command, machine_info(), versions(), started).replace(
         "# medflow benchmarks", "# medflow conditioning study").replace("`make bench`", "the command")}
-Demo data: {args.subjects} subjects (the last {args.heldout} held out, split=test), 2 mm, data seed
+Demo data: {args.subjects} subjects (the last {args.heldout} held out, split=test), {args.data_spacing:g} mm, data seed
 {args.data_seed}. Each variant trains preset `{args.preset}` for {args.steps} steps with seeds
 {', '.join(map(str, args.seeds))}; the held-out conditional PET bits per voxel (lower is better)
 come from each run's final weights on the held-out subjects, which no run trains or selects on.
-The difference column is paired by seed against T1 alone.
+The difference column is paired by seed against T1 alone.{failures}
 
 {md_table(["variant", "held-out PET bit/voxel per seed", "mean", "vs T1", "train s"], rows)}
 
@@ -141,6 +150,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--subjects", type=int, default=32)
     parser.add_argument("--heldout", type=int, default=8)
     parser.add_argument("--data-seed", type=int, default=0)
+    parser.add_argument("--data-spacing", type=float, default=2.0, help="voxel size of the demo data in mm")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     args = parser.parse_args(argv)
     args.seeds = [int(s) for s in args.seeds.split(",")]
@@ -157,7 +167,7 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory(prefix="medflow-conditioning-") as tmp:
         work = Path(tmp)
         console.print(f"generating demo data ({args.subjects} subjects, {args.heldout} held out)")
-        data_csv = make_demo_dataset(work / "data", args.subjects, seed=args.data_seed, spacing=2.0,
+        data_csv = make_demo_dataset(work / "data", args.subjects, seed=args.data_seed, spacing=args.data_spacing,
                                      heldout=args.heldout)
         test_csv = write_test_csv(data_csv)
         runs = []
@@ -168,7 +178,7 @@ def main(argv: list[str] | None = None) -> None:
                 console.print(f"  held-out PET {runs[-1]['heldout_pet_bpv']:.4f} bit/voxel")
         side_run = work / f"run-{list(VARIANTS).index(SIDE_VARIANT)}"
         (work / "synth").mkdir()
-        contrast = dx_contrast(side_run, data_csv, work / "synth", args.data_seed, 2.0, args.device)
+        contrast = dx_contrast(side_run, data_csv, work / "synth", args.data_seed, args.data_spacing, args.device)
     show("held-out PET bit/voxel", ["variant", "seed", "bit/voxel"],
          [[r["variant"], str(r["seed"]), f"{r['heldout_pet_bpv']:.4f}"] for r in runs])
     args.out.write_text(study_markdown(command, started, runs, contrast, args))
