@@ -622,11 +622,12 @@ mean ± 1.645 std of the 8 samples (ideal: 90 %), mean ± SD over the test subje
 """
 
 
-def header_markdown(command: str, machine: dict, vers: dict, started: datetime) -> str:
-    return f"""# medflow benchmarks
+def header_markdown(command: str, machine: dict, vers: dict, started: datetime, title: str = "medflow benchmarks",
+                    rerun: str = "`make bench`", units: str = "Times in seconds, memory in MiB.") -> str:
+    return f"""# {title}
 
 Written by `{command}`, started {started:%Y-%m-%d %H:%M} UTC; every number below comes from
-that run (re-run `make bench` to refresh). Times in seconds, memory in MiB.
+that run (re-run {rerun} to refresh). {units}
 
 - Machine: {machine['cpu']}, {machine['cores']} cores, {machine['ram_gib']:.1f} GiB RAM, GPU: {machine['gpu'] or 'none'}.
 - Versions: Python {vers['python']}, torch {vers['torch']}, MONAI {vers['monai']}, FrEIA {vers['FrEIA']}, medflow {vers['medflow']}.

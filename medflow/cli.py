@@ -8,6 +8,7 @@ import re
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 from rich.console import Console
@@ -16,6 +17,9 @@ from rich.table import Table
 
 from medflow import __version__
 from medflow.errors import InputError, MedflowError, OutputError
+
+if TYPE_CHECKING:
+    from medflow.side import SideSpec
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
                   help="MRI-to-PET synthesis with a 3D conditional normalizing flow (Dual-Glow). "
@@ -161,7 +165,7 @@ def train(
 
 
 def _batch_jobs(input_: Path, output: Path, mri_columns: list[str], allow_outside: bool,
-                side_columns: list[str], side: dict[str, str]):
+                side_spec: SideSpec | None, side: dict[str, str]):
     """(subject, [mri paths], output path, side information) for a file, a folder or a CSV input.
 
     Side information: a CSV row's own columns, then ``side`` (from --side) for the rest."""
@@ -171,7 +175,7 @@ def _batch_jobs(input_: Path, output: Path, mri_columns: list[str], allow_outsid
     if input_.suffix.lower() == ".csv":
         subjects = read_csv_manifest(input_, mri_columns, need_pet=False, allow_outside=allow_outside)
         return [(s.subject, s.mri, output / f"{s.subject}.nii.gz",
-                 {**side, **{c: s.side[c] for c in side_columns if c in s.side}}) for s in subjects], True
+                 {**side, **(side_spec.pick(s.side) if side_spec else {})}) for s in subjects], True
     if input_.is_dir() and not is_image_path(input_):
         if len(mri_columns) > 1:
             raise InputError(f"{input_}: the model needs {len(mri_columns)} MRI modalities; give a CSV with "
@@ -225,7 +229,7 @@ def synthesize(
         if side_values and tm.side is None:
             raise InputError(f"{model}: this model was trained without side information; drop --side")
         jobs, batch = _batch_jobs(input_, output, tm.mri_columns, allow_outside_paths,
-                                  tm.side.columns if tm.side else [], side_values)
+                                  tm.side, side_values)
         opts = SynthesisOptions(temperature, samples, seed, overwrite, strict_qc)
         if not batch:
             _, mri_paths, out_path, job_side = jobs[0]

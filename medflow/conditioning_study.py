@@ -61,15 +61,14 @@ def train_variant(data_csv: Path, test_csv: Path, out: Path, variant: str, seed:
                         val_every=10**9, val_samples=0, checkpoint_every=10**9)
     start = time.monotonic()
     trainer = Trainer(opts, reporter=lambda *_: None)
+    result = {"variant": variant, "seed": seed}
     try:
         with training_progress() as progress:
-            summary = trainer.run(progress)
+            result["heldout_pet_bpv"] = trainer.run(progress)["val_pet_bpv"]
     except TrainingError as exc:
         console.print(f"  [red]{exc}[/red]")
-        return {"variant": variant, "seed": seed, "steps": trainer.step, "seconds": time.monotonic() - start,
-                "heldout_pet_bpv": float("nan"), "failure": str(exc)}
-    return {"variant": variant, "seed": seed, "steps": summary["step"], "seconds": time.monotonic() - start,
-            "heldout_pet_bpv": summary["val_pet_bpv"]}
+        result.update(heldout_pet_bpv=float("nan"), failure=str(exc))
+    return {**result, "steps": trainer.step, "seconds": time.monotonic() - start}
 
 
 def dx_contrast(run: Path, data_csv: Path, work: Path, data_seed: int, spacing: float, device: str) -> list[dict]:
@@ -116,8 +115,9 @@ def study_markdown(command: str, started: datetime, runs: list[dict], contrast: 
                        for r in runs if "failure" in r)
     core = [c["core_relative"] for c in contrast]
     rest = [c["rest_relative"] for c in contrast]
-    return f"""{header_markdown(command, machine_info(), versions(), started).replace(
-        "# medflow benchmarks", "# medflow conditioning study").replace("`make bench`", "the command")}
+    header = header_markdown(command, machine_info(), versions(), started, "medflow conditioning study",
+                             "the command", "Times in seconds.")
+    return f"""{header}
 Demo data: {args.subjects} subjects (the last {args.heldout} held out, split=test), {args.data_spacing:g} mm, data seed
 {args.data_seed}. Each variant trains preset `{args.preset}` for {args.steps} steps with seeds
 {', '.join(map(str, args.seeds))}; the held-out conditional PET bits per voxel (lower is better)
