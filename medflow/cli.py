@@ -119,7 +119,8 @@ def train(
     grid: str = typer.Option(None, help="Model grid in voxels, e.g. 48,56,48 (default: fits the training data)."),
     steps: int = typer.Option(None, help="Stop after this many optimiser steps."),
     epochs: int = typer.Option(None, help="Stop after this many passes over the training set."),
-    time_limit: str = typer.Option(None, help="Stop after this wall-clock time, e.g. 600, 10m, 12h."),
+    time_limit: str = typer.Option(None, help="Stop after this much training time (counted across --resume), "
+                                   "e.g. 600, 10m, 12h; the learning rate then decays over it."),
     batch_size: int = typer.Option(None, help="Volumes per step per GPU (default: the preset's)."),
     lr: float = typer.Option(None, help="Peak learning rate of AdamW (default: the preset's)."),
     warmup: int = typer.Option(None, help="Linear warm-up steps (default: the preset's)."),

@@ -7,12 +7,14 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from medflow.adversary import SideDiscriminator
 from medflow.condition import ConditionEncoder
 from medflow.errors import ModelError
 from medflow.flows.glow import SQUEEZES, Glow3d
+from medflow.flows.injector import ConditionalAffine
 from medflow.presets import load_preset
 
 
@@ -30,8 +32,11 @@ class DualGlowConfig:
     length of the side-information vector (age, sex, diagnosis... see ``medflow.side``) that
     conditions the top level's PET prior, 0 for none; side_adversary: weight of the
     gradient-reversal discriminators that push side information out of the lower PET
-    latents; lam: weight of log p(MRI); n_bins: quantisation levels per unit intensity used
-    for bits per voxel.
+    latents; injector: start the PET flow with a voxel-wise conditional affine transform
+    ``(pet - mu) * exp(-log_s)`` whose ``mu`` and ``log_s`` come from the MRI (and the
+    condition encoder's finest features) at full resolution (SRFlow's affine injector), so
+    the flows model PET relative to an MRI-based estimate; lam: weight of log p(MRI);
+    n_bins: quantisation levels per unit intensity used for bits per voxel.
     """
 
     mri_channels: int = 1
@@ -45,6 +50,7 @@ class DualGlowConfig:
     condition_width: int = 0
     side_channels: int = 0
     side_adversary: float = 0.1
+    injector: bool = False
     lam: float = 0.001
     n_bins: int = 256
 
@@ -113,6 +119,8 @@ class DualGlow(nn.Module):
             prior_hidden=c.prior_hidden,
             learn_prior_scale=c.prior == "mean_scale",
         )
+        self.injector = (ConditionalAffine(1, c.mri_channels + c.condition_width, c.prior_hidden, c.clamp)
+                         if c.injector else None)
         self.discriminators = nn.ModuleList(
             SideDiscriminator(z, c.side_channels) for z in self.pet_flow.z_channels[:-1]
         ) if c.side_channels else None
@@ -147,7 +155,8 @@ class DualGlow(nn.Module):
         return self.mri_flow.log_prob(mri)
 
     def _pet_conditions(self, mri, enc_mri, side=None):
-        """Per-level conditioning of the PET couplings (or None) and priors; side [B, side_channels]."""
+        """Per-level conditioning of the PET couplings (or None) and priors, and the injector's
+        full-resolution condition (or None); side [B, side_channels]."""
         if self.config.side_channels and (side is None or side.shape[-1] != self.config.side_channels):
             raise ValueError(f"this model needs a side vector of length {self.config.side_channels}")
         extra = self.encoder(mri) if self.encoder is not None else None
@@ -160,7 +169,11 @@ class DualGlow(nn.Module):
             top = prior[-1]
             side = side.to(top)[:, :, None, None, None].expand(-1, -1, *top.shape[2:])
             prior[-1] = torch.cat([top, side], dim=1)
-        return coupling, prior
+        injector = None
+        if self.injector is not None:
+            injector = mri if extra is None else torch.cat(
+                [mri, F.interpolate(extra[0], size=mri.shape[2:], mode="trilinear", align_corners=False)], dim=1)
+        return coupling, prior, injector
 
     def side_adversary_loss(self, zs_pet: list[torch.Tensor], side: torch.Tensor) -> torch.Tensor:
         """Mean squared error of the discriminators predicting ``side`` from the lower PET latents."""
@@ -172,8 +185,10 @@ class DualGlow(nn.Module):
         (nats), the same as bits per voxel: ``pet_bpv``, ``mri_bpv``; with side information also
         ``side_adversary``, the discriminators' loss (a scalar)."""
         lp_mri, enc_mri = self.encode_mri(mri)
-        coupling, prior = self._pet_conditions(mri, enc_mri, side)
-        lp_pet, enc_pet = self.pet_flow.log_prob(pet, coupling, prior)
+        coupling, prior, injector = self._pet_conditions(mri, enc_mri, side)
+        flow_in, logdet = (pet, 0.0) if self.injector is None else self.injector(pet, injector)
+        lp_pet, enc_pet = self.pet_flow.log_prob(flow_in, coupling, prior)
+        lp_pet = lp_pet + logdet
         n = self.config.n_bins
         terms = {
             "pet": lp_pet,
@@ -207,10 +222,10 @@ class DualGlow(nn.Module):
         [B, side_channels] is required when the model was trained with side information.
         """
         _, enc_mri = self.encode_mri(mri)
-        coupling, prior = self._pet_conditions(mri, enc_mri, side)
+        coupling, prior, injector = self._pet_conditions(mri, enc_mri, side)
         spatial = tuple(mri.shape[2:])
-        draws = [
-            self.pet_flow.sample(mri.shape[0], spatial, temperature, coupling, prior, generator)
-            for _ in range(n)
-        ]
+        draws = []
+        for _ in range(n):
+            pet = self.pet_flow.sample(mri.shape[0], spatial, temperature, coupling, prior, generator)
+            draws.append(pet if self.injector is None else self.injector.inverse(pet, injector))
         return torch.stack(draws)

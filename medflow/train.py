@@ -89,13 +89,14 @@ def step_seed(seed: int, step: int, salt: int = 0) -> int:
     return (seed * 1_000_003 + step * 7_919 + salt) % (2**31 - 1)
 
 
-def lr_factor(step: int, warmup: int, total: int | None) -> float:
-    """Linear warm-up, then cosine decay to 10 % when the total number of steps is known."""
+def lr_factor(step: int, warmup: int, progress: float | None) -> float:
+    """Linear warm-up over ``warmup`` steps, then cosine decay to 10 % as ``progress`` (the
+    fraction of the run done, 0..1) grows; constant after warm-up when ``progress`` is None."""
     if step < warmup:
         return (step + 1) / warmup
-    if not total or total <= warmup:
+    if progress is None:
         return 1.0
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    progress = min(1.0, max(0.0, progress))
     return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
@@ -141,8 +142,10 @@ class Trainer:
         self.model.set_subnet_bf16(opts.bf16 and self.device.type == "cuda")
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=self.lr, weight_decay=opts.weight_decay)
         self.total_steps = self._total_steps()
+        self.elapsed_before = self.clock = 0.0
+        self.started = time.monotonic()
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: lr_factor(s, self.warmup, self.total_steps))
+            self.optimizer, lambda s: lr_factor(s, self.warmup, self.progress(s)))
         self.ema = (AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(opts.ema), use_buffers=True)
                     if opts.ema else None)
         self.step = 0
@@ -226,6 +229,27 @@ class Trainer:
             return self.opts.epochs * per_epoch
         return None
 
+    def tick(self) -> float:
+        """Update and return ``clock``: training seconds of this run, including those before a
+        ``--resume``; the slowest rank's, so every rank decays its learning rate and stops at
+        the same step (a collective call: every rank must call it)."""
+        seconds = self.elapsed_before + time.monotonic() - self.started
+        if self.dist.enabled:
+            t = torch.tensor([seconds], dtype=torch.float64, device=self.device)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            seconds = float(t.item())
+        self.clock = seconds
+        return seconds
+
+    def progress(self, step: int) -> float | None:
+        """Fraction of the run done after warm-up: by steps when their number is known, else by
+        ``time_limit``; None for a run that goes on until stopped."""
+        if self.total_steps:
+            return (step - self.warmup) / max(1, self.total_steps - self.warmup)
+        if self.opts.time_limit:
+            return self.clock / self.opts.time_limit
+        return None
+
     # ----- batches ------------------------------------------------------------------------
     def batch_indices(self, step: int) -> list[int]:
         """Indices of this rank's batch at ``step``: a seeded permutation per epoch."""
@@ -271,6 +295,7 @@ class Trainer:
             "ema": self.ema.state_dict() if self.ema else None,
             "best_val": self.best_val,
             "nonfinite_skipped": self.nonfinite_skipped,
+            "elapsed": self.clock,
         }
 
     def _write_run_config(self, qc: dict | None = None) -> None:
@@ -311,6 +336,7 @@ class Trainer:
         self.step = int(state["step"])
         self.best_val = float(state["best_val"])
         self.nonfinite_skipped = int(state.get("nonfinite_skipped", 0))
+        self.elapsed_before = self.clock = float(state.get("elapsed", 0.0))
         self.report(f"resumed from {path.name} (step {self.step})")
 
     # ----- validation ---------------------------------------------------------------------
@@ -361,14 +387,15 @@ class Trainer:
             net = torch.nn.parallel.DistributedDataParallel(self.model, device_ids=[self.device.index]
                                                             if self.device.type == "cuda" else None)
         log = MetricsLog(self.run_dir / "metrics.csv", self.step, enabled=self.dist.is_main)
-        start, consecutive_bad = time.monotonic(), 0
+        consecutive_bad = 0
+        self.started = time.monotonic()
         target = self.total_steps
         task = progress.add_task("training", total=target, completed=self.step, info="")
         stopped_by = None
         with StopFlag() as stop:
             self.model.train()
             while target is None or self.step < target:
-                if opts.time_limit and time.monotonic() - start >= opts.time_limit:
+                if self.tick() >= (opts.time_limit or math.inf):
                     stopped_by = "time limit"
                     break
                 t0 = time.monotonic()
@@ -414,6 +441,7 @@ class Trainer:
                 if not self._all_agree(stop.signum is None):
                     stopped_by = "signal"
                     break
+        self.tick()
         self.save_checkpoint()
         summary = {"step": self.step, "stopped_by": stopped_by or "done", "nonfinite_skipped": self.nonfinite_skipped}
         if stopped_by == "signal":

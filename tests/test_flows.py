@@ -5,7 +5,8 @@ import torch
 from torch.autograd.functional import jacobian
 
 from medflow.flows import (
-    ActNorm, AffineCoupling, FlowStep, Glow3d, GlowLevel, HaarDownsample3d, InvConv1x1x1, Squeeze3d,
+    ActNorm, AffineCoupling, ConditionalAffine, FlowStep, Glow3d, GlowLevel, HaarDownsample3d, InvConv1x1x1,
+    Squeeze3d,
 )
 
 SHAPE = (1, 2, 4, 4, 4)
@@ -30,6 +31,7 @@ def blocks(channels=2, cond_channels=3):
         "haar": (HaarDownsample3d(), None),
         "flowstep_cond": (FlowStep(channels, 8, cond_channels), cond_channels),
         "level": (GlowLevel(channels, 2, 8, "haar", 2.0, 0), None),
+        "injector": (ConditionalAffine(channels, cond_channels, 8), cond_channels),
     }
 
 

@@ -44,13 +44,31 @@ def test_both_flows_round_trip_after_training():
 def test_condition_encoder_feeds_every_level_and_keeps_round_trip():
     model, mri, pet = trained_tiny(condition_width=6)
     enc = model.mri_flow.encode(mri)
-    coupling, prior = model._pet_conditions(mri, enc)
+    coupling, prior, _ = model._pet_conditions(mri, enc)
     assert [c.shape[1] for c in coupling] == [f + 6 for f in model.mri_flow.feature_channels]
     zs, _ = model.pet_flow(pet, coupling)
     assert (model.pet_flow.inverse(zs, coupling) - pet).abs().max() < 1e-4
     loss, _ = model.train().loss(pet, mri)
     loss.backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.encoder.parameters())
+
+
+@pytest.mark.parametrize("width", [0, 6])
+def test_injector_round_trip_and_log_prob(width):
+    model, mri, pet = trained_tiny(injector=True, condition_width=width)
+    perturb(model, scale=0.05)
+    enc = model.mri_flow.encode(mri)
+    coupling, prior, cond = model._pet_conditions(mri, enc)
+    assert cond.shape == (4, 1 + width, 8, 8, 8)
+    flow_in, logdet = model.injector(pet, cond)
+    assert not torch.allclose(flow_in, pet)
+    lp, pet_enc = model.pet_flow.log_prob(flow_in, coupling, prior)
+    assert torch.allclose(model.log_prob(pet, mri)["pet"], lp + logdet)
+    back = model.injector.inverse(model.pet_flow.inverse(pet_enc.zs, coupling), cond)
+    assert (back - pet).abs().max() < 1e-4
+    draws = model.sample(mri, temperature=0.0, n=1)
+    flow_mode = model.pet_flow.sample(4, (8, 8, 8), 0.0, coupling, prior)
+    assert torch.allclose(draws[0], model.injector.inverse(flow_mode, cond))
 
 
 def test_bf16_subnets_keep_round_trip_exact():
@@ -75,7 +93,8 @@ def test_log_prob_terms_and_bits_per_voxel():
     assert torch.isclose(loss, -(terms["pet"] + 0.001 * terms["mri"]).mean() / voxels)
 
 
-@pytest.mark.parametrize("overrides", [{}, {"condition_width": 6}, {"condition_width": 6, "coupling_condition": False}])
+@pytest.mark.parametrize("overrides", [{}, {"condition_width": 6}, {"condition_width": 6, "coupling_condition": False},
+                                       {"condition_width": 6, "injector": True}])
 def test_memory_saving_backward_matches_autograd(overrides):
     model, mri, pet = trained_tiny(**overrides)
     perturb(model, scale=0.05)

@@ -14,6 +14,7 @@ import torch
 
 from medflow.checkpoint import load_state, step_checkpoints
 from medflow.errors import ModelError, TrainingError
+from medflow.train import lr_factor
 from medflow.trained import load_trained
 from tests.paired_data import write_paired_csv
 
@@ -147,3 +148,33 @@ def test_ddp_two_processes_on_cpu(pairs, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert (run / "final.pt").exists()
     assert (run / "metrics.csv").read_text().count("\n") == 4
+
+
+def test_lr_factor_warmup_then_cosine_to_ten_percent():
+    assert [lr_factor(s, 4, 0.0) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert lr_factor(10, 4, None) == 1.0
+    assert lr_factor(10, 4, 0.0) == pytest.approx(1.0)
+    assert lr_factor(10, 4, 0.5) == pytest.approx(0.55)
+    assert lr_factor(10, 4, 1.0) == pytest.approx(0.1)
+    assert lr_factor(10, 4, 3.0) == pytest.approx(0.1)
+
+
+def test_time_limit_decays_lr_and_counts_across_resume(pairs, tmp_path):
+    """With --time-limit and no step count the cosine follows the elapsed training time, and a
+    resumed run only trains for what is left of the budget."""
+    run = tmp_path / "timed"
+    args = ["--preset", "tiny", "--time-limit", "4", "--warmup", "1", "--lr", "0.001", "--checkpoint-every", "1000",
+            "--val-every", "1000", "--device", "cpu", "--spacing", "6"]
+    done = run_cli("train", pairs, "--out", run, *args)
+    assert done.returncode == 0, done.stderr
+    rows = (run / "metrics.csv").read_text().splitlines()
+    header = rows[0].split(",")
+    lrs = [float(r.split(",")[header.index("lr")]) for r in rows[1:]]
+    assert len(lrs) > 5 and lrs[0] == pytest.approx(0.001, rel=0.05)
+    assert all(b <= a + 1e-12 for a, b in zip(lrs, lrs[1:]))
+    assert lrs[-1] < 0.3e-3
+    state = load_state(step_checkpoints(run)[0])
+    assert state["elapsed"] >= 4.0 and state["step"] == len(lrs)
+    again = run_cli("train", pairs, "--out", run, *args, "--resume")
+    assert again.returncode == 0, again.stderr
+    assert load_state(step_checkpoints(run)[0])["step"] == len(lrs)

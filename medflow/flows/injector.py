@@ -1,0 +1,38 @@
+"""Conditional affine transform (SRFlow's affine injector) applied voxel-wise to the flow input."""
+
+from __future__ import annotations
+
+import torch
+
+from medflow.flows.base import InvertibleModule
+from medflow.flows.coupling import coupling_subnet, soft_clamp
+
+
+class ConditionalAffine(InvertibleModule):
+    """``y = (x - mu(c)) * exp(-log_s(c))`` for x [B, C, D, H, W] and c [B, Cc, D, H, W].
+
+    ``mu`` and ``log_s`` come from a 3D conv net on the condition alone (soft-clamped
+    log-scale), so the map is invertible for any x; log|det dy/dx| = -sum(log_s).
+    The net's last layer starts at zero: the transform starts as the identity. In a
+    conditional flow, ``mu`` becomes an estimate of x from c and the rest of the flow
+    models the residual.
+    """
+
+    def __init__(self, channels: int, cond_channels: int, hidden: int, clamp: float = 2.0):
+        super().__init__()
+        self.channels = channels
+        self.clamp = clamp
+        self.net = coupling_subnet(cond_channels, hidden, 2 * channels)
+
+    def params(self, cond: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Shift ``mu`` and log-scale ``log_s``, each [B, C, D, H, W]."""
+        out = self.net(cond)
+        return out[:, : self.channels], soft_clamp(out[:, self.channels :], self.clamp)
+
+    def forward(self, x, cond=None):
+        mu, log_s = self.params(cond)
+        return (x - mu) * torch.exp(-log_s), -log_s.flatten(1).sum(1)
+
+    def inverse(self, y, cond=None):
+        mu, log_s = self.params(cond)
+        return y * torch.exp(log_s) + mu
