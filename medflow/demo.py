@@ -28,8 +28,8 @@ class DemoOptions:
     heldout: int = 8
     preset: str = "small"
     device: str = "auto"
-    temperature: float = 0.5
-    samples: int = 4
+    temperature: float = 1.0
+    samples: int = 8
     seed: int = 0
 
 

@@ -30,13 +30,14 @@ class DualGlowConfig:
     encoder (a small 3D U-Net on the MRI, ``medflow.condition``) of this width adds
     multi-scale MRI features to the PET couplings and priors of every level; side_channels:
     length of the side-information vector (age, sex, diagnosis... see ``medflow.side``) that
-    conditions the top level's PET prior, 0 for none; side_adversary: weight of the
-    gradient-reversal discriminators that push side information out of the lower PET
-    latents; injector: start the PET flow with a voxel-wise conditional affine transform
-    ``(pet - mu) * exp(-log_s)`` whose ``mu`` and ``log_s`` come from the MRI (and the
-    condition encoder's finest features) at full resolution (SRFlow's affine injector), so
-    the flows model PET relative to an MRI-based estimate; lam: weight of log p(MRI);
-    n_bins: quantisation levels per unit intensity used for bits per voxel.
+    conditions the top level's PET prior and the injector, 0 for none; side_adversary:
+    weight of the gradient-reversal discriminators that push side information out of the
+    lower PET latents; injector_width: if > 0, the PET flow starts with a voxel-wise
+    conditional affine transform ``(pet - mu) * exp(-log_s)`` whose ``mu`` and ``log_s`` a
+    conv net of this width computes at full resolution from the MRI (with the condition
+    encoder's finest features and the side information, where present): SRFlow's affine
+    injector, so the flows model PET relative to an MRI-based estimate; lam: weight of
+    log p(MRI); n_bins: quantisation levels per unit intensity used for bits per voxel.
     """
 
     mri_channels: int = 1
@@ -50,7 +51,7 @@ class DualGlowConfig:
     condition_width: int = 0
     side_channels: int = 0
     side_adversary: float = 0.1
-    injector: bool = False
+    injector_width: int = 0
     lam: float = 0.001
     n_bins: int = 256
 
@@ -75,8 +76,8 @@ class DualGlowConfig:
             raise ModelError("mri_channels, hidden and prior_hidden must be positive")
         if self.side_channels < 0 or self.side_adversary < 0:
             raise ModelError("side_channels and side_adversary must be >= 0")
-        if self.condition_width < 0:
-            raise ModelError("condition_width must be >= 0 (0 turns the condition encoder off)")
+        if self.condition_width < 0 or self.injector_width < 0:
+            raise ModelError("condition_width and injector_width must be >= 0 (0 turns them off)")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -90,6 +91,11 @@ def bits_per_voxel(log_prob: torch.Tensor, x: torch.Tensor, n_bins: int) -> torc
     """Glow's convention: -log2 p(x) per voxel of x, for x quantised at 1/n_bins. [B]."""
     voxels = x[0].numel()
     return (-log_prob / voxels + math.log(n_bins)) / math.log(2.0)
+
+
+def _broadcast(vector: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """[B, K] -> [B, K, D, H, W] with the spatial size, dtype and device of ``like``."""
+    return vector.to(like)[:, :, None, None, None].expand(-1, -1, *like.shape[2:])
 
 
 class DualGlow(nn.Module):
@@ -119,8 +125,9 @@ class DualGlow(nn.Module):
             prior_hidden=c.prior_hidden,
             learn_prior_scale=c.prior == "mean_scale",
         )
-        self.injector = (ConditionalAffine(1, c.mri_channels + c.condition_width, c.prior_hidden, c.clamp)
-                         if c.injector else None)
+        injector_cond = c.mri_channels + c.condition_width + c.side_channels
+        self.injector = (ConditionalAffine(1, injector_cond, c.injector_width, c.clamp) if c.injector_width
+                         else None)
         self.discriminators = nn.ModuleList(
             SideDiscriminator(z, c.side_channels) for z in self.pet_flow.z_channels[:-1]
         ) if c.side_channels else None
@@ -166,13 +173,15 @@ class DualGlow(nn.Module):
             coupling = extra if coupling is None else [torch.cat(p, dim=1) for p in zip(coupling, extra)]
             prior = [torch.cat(p, dim=1) for p in zip(prior, extra)]
         if self.config.side_channels:
-            top = prior[-1]
-            side = side.to(top)[:, :, None, None, None].expand(-1, -1, *top.shape[2:])
-            prior[-1] = torch.cat([top, side], dim=1)
+            prior[-1] = torch.cat([prior[-1], _broadcast(side, prior[-1])], dim=1)
         injector = None
         if self.injector is not None:
-            injector = mri if extra is None else torch.cat(
-                [mri, F.interpolate(extra[0], size=mri.shape[2:], mode="trilinear", align_corners=False)], dim=1)
+            parts = [mri]
+            if extra is not None:
+                parts.append(F.interpolate(extra[0], size=mri.shape[2:], mode="trilinear", align_corners=False))
+            if self.config.side_channels:
+                parts.append(_broadcast(side, mri))
+            injector = torch.cat(parts, dim=1)
         return coupling, prior, injector
 
     def side_adversary_loss(self, zs_pet: list[torch.Tensor], side: torch.Tensor) -> torch.Tensor:

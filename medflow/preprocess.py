@@ -1,7 +1,7 @@
 """MONAI preprocessing shared by training and synthesis, and its stored parameters.
 
 Stage 1 (deterministic, cached during training): load -> channel first -> RAS ->
-resample to ``spacing`` mm -> crop to the MRI foreground box (+ margin).
+resample to ``spacing`` mm -> crop to the foreground box (+ margin) of the first MRI contrast.
 Stage 2: pad/crop to the model ``grid`` (a multiple of 2^levels) -> [training only:
 small random affine] -> MRI scaled per volume so that its 0th..99.5th percentiles map to
 [-0.5, 0.5] (clipped) -> PET divided by the training set's ``pet_scale`` and shifted by
@@ -94,13 +94,15 @@ class LoadVolumesd(MapTransform):
 
 
 def stage1(spacing, margin: int, keys=("mri", "pet"), load: bool = True) -> Compose:
-    """Load (optional), reorient to RAS, resample, crop to the MRI foreground box."""
+    """Load (optional), reorient to RAS, resample, crop to the first MRI contrast's foreground box
+    (so a second contrast, on its own intensity scale, does not move the box)."""
     keys = list(keys)
     steps = [LoadVolumesd(keys)] if load else []
     steps += [
         Orientationd(keys, axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S"))),
         Spacingd(keys, pixdim=spacing, mode="bilinear", padding_mode="zeros"),
-        CropForegroundd(keys, source_key="mri", select_fn=is_foreground, margin=margin, allow_smaller=True),
+        CropForegroundd(keys, source_key="mri", select_fn=is_foreground, channel_indices=0, margin=margin,
+                        allow_smaller=True),
     ]
     return Compose(steps)
 

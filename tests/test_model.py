@@ -55,7 +55,7 @@ def test_condition_encoder_feeds_every_level_and_keeps_round_trip():
 
 @pytest.mark.parametrize("width", [0, 6])
 def test_injector_round_trip_and_log_prob(width):
-    model, mri, pet = trained_tiny(injector=True, condition_width=width)
+    model, mri, pet = trained_tiny(injector_width=8, condition_width=width)
     perturb(model, scale=0.05)
     enc = model.mri_flow.encode(mri)
     coupling, prior, cond = model._pet_conditions(mri, enc)
@@ -94,7 +94,7 @@ def test_log_prob_terms_and_bits_per_voxel():
 
 
 @pytest.mark.parametrize("overrides", [{}, {"condition_width": 6}, {"condition_width": 6, "coupling_condition": False},
-                                       {"condition_width": 6, "injector": True}])
+                                       {"condition_width": 6, "injector_width": 8}])
 def test_memory_saving_backward_matches_autograd(overrides):
     model, mri, pet = trained_tiny(**overrides)
     perturb(model, scale=0.05)

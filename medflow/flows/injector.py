@@ -11,8 +11,8 @@ from medflow.flows.coupling import coupling_subnet, soft_clamp
 class ConditionalAffine(InvertibleModule):
     """``y = (x - mu(c)) * exp(-log_s(c))`` for x [B, C, D, H, W] and c [B, Cc, D, H, W].
 
-    ``mu`` and ``log_s`` come from a 3D conv net on the condition alone (soft-clamped
-    log-scale), so the map is invertible for any x; log|det dy/dx| = -sum(log_s).
+    ``mu`` and ``log_s`` (soft-clamped) come from a 3D conv net (the coupling subnet) on the
+    condition alone, so the map is invertible for any x; log|det dy/dx| = -sum(log_s).
     The net's last layer starts at zero: the transform starts as the identity. In a
     conditional flow, ``mu`` becomes an estimate of x from c and the rest of the flow
     models the residual.
