@@ -242,8 +242,9 @@ class Trainer:
         return seconds
 
     def progress(self, step: int) -> float | None:
-        """Fraction of the run done after warm-up: by steps when their number is known, else by
-        ``time_limit``; None for a run that goes on until stopped."""
+        """Fraction of the run done: steps after warm-up over the steps after warm-up when their
+        number is known, else training seconds over ``time_limit``; None for a run that goes on
+        until stopped."""
         if self.total_steps:
             return (step - self.warmup) / max(1, self.total_steps - self.warmup)
         if self.opts.time_limit:
