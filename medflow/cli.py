@@ -114,8 +114,7 @@ def train(
     val_fraction: float = typer.Option(0.1, help="Fraction of training rows held out for validation."),
     mri_columns: str = typer.Option("mri", help="Comma-separated CSV columns stacked as MRI channels, e.g. mri,t2."),
     side_columns: str = typer.Option("", help="Comma-separated CSV columns of side information (e.g. age,sex,dx) "
-                                             "that condition the top-level PET prior (and the injector, where "
-                                             "the model has one)."),
+                                             "that condition the top-level PET prior."),
     spacing: float = typer.Option(None, help="Model voxel size in mm (default: the preset's)."),
     grid: str = typer.Option(None, help="Model grid in voxels, e.g. 48,56,48 (default: fits the training data)."),
     steps: int = typer.Option(None, help="Stop after this many optimiser steps."),

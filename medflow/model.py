@@ -30,12 +30,12 @@ class DualGlowConfig:
     encoder (a small 3D U-Net on the MRI, ``medflow.condition``) of this width adds
     multi-scale MRI features to the PET couplings and priors of every level; side_channels:
     length of the side-information vector (age, sex, diagnosis... see ``medflow.side``) that
-    conditions the top level's PET prior and the injector, 0 for none; side_adversary:
+    conditions the top level's PET prior, 0 for none; side_adversary:
     weight of the gradient-reversal discriminators that push side information out of the
     lower PET latents; injector_width: if > 0, the PET flow starts with a voxel-wise
     conditional affine transform ``(pet - mu) * exp(-log_s)`` whose ``mu`` and ``log_s`` a
     conv net of this width computes at full resolution from the MRI (with the condition
-    encoder's finest features and the side information, where present): SRFlow's affine
+    encoder's finest features, where present): SRFlow's affine
     injector, so the flows model PET relative to an MRI-based estimate; lam: weight of
     log p(MRI); n_bins: quantisation levels per unit intensity used for bits per voxel.
     """
@@ -125,7 +125,7 @@ class DualGlow(nn.Module):
             prior_hidden=c.prior_hidden,
             learn_prior_scale=c.prior == "mean_scale",
         )
-        injector_cond = c.mri_channels + c.condition_width + c.side_channels
+        injector_cond = c.mri_channels + c.condition_width
         self.injector = (ConditionalAffine(1, injector_cond, c.injector_width, c.clamp) if c.injector_width
                          else None)
         self.discriminators = nn.ModuleList(
@@ -179,8 +179,6 @@ class DualGlow(nn.Module):
             parts = [mri]
             if extra is not None:
                 parts.append(F.interpolate(extra[0], size=mri.shape[2:], mode="trilinear", align_corners=False))
-            if self.config.side_channels:
-                parts.append(_broadcast(side, mri))
             injector = torch.cat(parts, dim=1)
         return coupling, prior, injector
 

@@ -14,7 +14,6 @@ from medflow.cli import app
 from medflow.errors import InputError
 from medflow.side import SideSpec, parse_side
 from tests.paired_data import write_paired_csv
-from tests.test_flows import perturb
 
 ROWS = [{"age": "60", "sex": "F", "dx": "CN"}, {"age": "80", "sex": "M", "dx": "AD"}, {"age": "70", "sex": "F", "dx": "AD"}]
 
@@ -67,15 +66,13 @@ def test_side_enters_the_top_prior_and_the_discriminators_train():
         model.loss(pet, mri)
 
 
-def test_side_reaches_the_injector():
-    torch.manual_seed(0)
+def test_side_stays_out_of_the_injector():
+    """Side information in the full-resolution injector let 22 training subjects' covariates
+    encode their (random) PET level: held-out bits per voxel +0.21 (CONDITIONING.md)."""
     model = DualGlow.from_preset("tiny", side_channels=3, injector_width=8)
-    perturb(model, scale=0.1)
     mri = torch.randn(2, 1, 8, 8, 8)
     _, enc = model.encode_mri(mri)
-    cond = [model._pet_conditions(mri, enc, side)[2] for side in (torch.zeros(2, 3), torch.ones(2, 3))]
-    assert cond[0].shape == (2, 1 + 3, 8, 8, 8)
-    assert not torch.allclose(model.injector.params(cond[0])[0], model.injector.params(cond[1])[0])
+    assert model._pet_conditions(mri, enc, torch.zeros(2, 3))[2].shape == (2, 1, 8, 8, 8)
 
 
 @pytest.fixture(scope="module")
