@@ -93,11 +93,6 @@ def bits_per_voxel(log_prob: torch.Tensor, x: torch.Tensor, n_bins: int) -> torc
     return (-log_prob / voxels + math.log(n_bins)) / math.log(2.0)
 
 
-def _broadcast(vector: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """[B, K] -> [B, K, D, H, W] with the spatial size, dtype and device of ``like``."""
-    return vector.to(like)[:, :, None, None, None].expand(-1, -1, *like.shape[2:])
-
-
 class DualGlow(nn.Module):
     """Two multi-scale 3D Glows (MRI and PET) joined by conditional priors.
 
@@ -173,7 +168,8 @@ class DualGlow(nn.Module):
             coupling = extra if coupling is None else [torch.cat(p, dim=1) for p in zip(coupling, extra)]
             prior = [torch.cat(p, dim=1) for p in zip(prior, extra)]
         if self.config.side_channels:
-            prior[-1] = torch.cat([prior[-1], _broadcast(side, prior[-1])], dim=1)
+            top = prior[-1]
+            prior[-1] = torch.cat([top, side.to(top)[:, :, None, None, None].expand(-1, -1, *top.shape[2:])], dim=1)
         injector = None
         if self.injector is not None:
             parts = [mri]

@@ -143,7 +143,6 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=self.lr, weight_decay=opts.weight_decay)
         self.total_steps = self._total_steps()
         self.elapsed_before = self.clock = 0.0
-        self.started = time.monotonic()
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: lr_factor(s, self.warmup, self.progress(s)))
         self.ema = (AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(opts.ema), use_buffers=True)
