@@ -157,16 +157,19 @@ class Case:
 
 
 def build_model(case: Case, device: torch.device) -> torch.nn.Module:
-    """The medflow model or its FrEIA peer for ``case``, untrained, on ``device``."""
+    """The medflow model or its FrEIA peer for ``case``, untrained, on ``device`` (both in the layout
+    ``place_model`` gives them)."""
+    from medflow.device import place_model
+
     if case.impl == "peer":
         from medflow.peer_flow import PeerDualGlow
 
-        return PeerDualGlow.from_preset(case.preset, tuple(case.shape), **case.overrides).to(device)
+        return place_model(PeerDualGlow.from_preset(case.preset, tuple(case.shape), **case.overrides), device)
     from medflow.model import DualGlow
 
     model = DualGlow.from_preset(case.preset, **case.overrides)
     model.set_recompute(case.recompute)
-    return model.to(device)
+    return place_model(model, device)
 
 
 def example_pair(shape, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -315,14 +318,17 @@ def train_unet(trainer, budget_s: float, progress: Progress):
     (``trainer.train_batch``: same cache, augmentation and batch size) for ``budget_s`` seconds."""
     from monai.networks.nets import BasicUNet
 
+    from medflow.device import place_model
+
     torch.manual_seed(0)
     net = BasicUNet(spatial_dims=3, in_channels=len(trainer.settings["mri_columns"]), out_channels=1,
-                    features=(16, 16, 32, 64, 128, 16)).to(trainer.device)
+                    features=(16, 16, 32, 64, 128, 16))
+    net = place_model(net, trainer.device)
     optimizer = torch.optim.AdamW(net.parameters(), lr=1e-3)
     task = progress.add_task("U-Net", total=None, info="")
     start, step = time.monotonic(), 0
     while time.monotonic() - start < budget_s:
-        mri, pet = trainer.train_batch(step)
+        mri, pet, _ = trainer.train_batch(step)
         loss = torch.nn.functional.l1_loss(net(mri), pet)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -384,8 +390,10 @@ def score_test_subjects(tm, net, subjects, folder: Path, device: torch.device) -
     return {"scores": scores, "coverage": calibration}
 
 
-def run_quality(budget_s: float | None, device: torch.device, elapsed_s: float) -> dict:
-    """Demo data -> medflow ``small`` and the U-Net, each trained for the same budget -> test scores."""
+def run_quality(budget_s: float | None, device: torch.device, elapsed_s: float, subjects: int = 32,
+                heldout: int = 8) -> dict:
+    """Demo data (``subjects``, the last ``heldout`` for testing) -> medflow ``small`` and the U-Net,
+    each trained for the same budget -> test scores."""
     from medflow.demo_data import make_demo_dataset
     from medflow.manifest import read_manifest
     from medflow.train import Trainer, TrainOptions
@@ -394,8 +402,8 @@ def run_quality(budget_s: float | None, device: torch.device, elapsed_s: float) 
     start = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="medflow-bench-") as tmp:
         work = Path(tmp)
-        console.print("generating demo data (32 subjects, 8 held out, 2 mm)")
-        data_csv = make_demo_dataset(work / "data", subjects=32, heldout=8, spacing=2.0)
+        console.print(f"generating demo data ({subjects} subjects, {heldout} held out, 2 mm)")
+        data_csv = make_demo_dataset(work / "data", subjects=subjects, heldout=heldout, spacing=2.0)
         budget = budget_s or quality_budget(elapsed_s + time.monotonic() - start)
         console.print(f"training budget: {budget:.0f} s for each model")
         trainer = Trainer(TrainOptions(data=data_csv, out=work / "run", preset="small", time_limit=budget,

@@ -22,7 +22,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from medflow import __version__
 from medflow.checkpoint import latest_valid_step, read_config, save_state, save_step, write_config
-from medflow.device import Distributed, check_fits, init_distributed, resolve_device
+from medflow.device import Distributed, check_fits, init_distributed, place_model, resolve_device
 from medflow.errors import InputError, OutputError, TrainingError
 from medflow.manifest import Subject, read_manifest
 from medflow.metrics import compute_metrics
@@ -137,7 +137,7 @@ class Trainer:
         self.warmup = int(train_cfg.get("warmup_steps", 100))
         self._load_data()
         torch.manual_seed(opts.seed)
-        self.model = DualGlow(DualGlowConfig.from_dict(self.settings["model"])).to(self.device)
+        self.model = place_model(DualGlow(DualGlowConfig.from_dict(self.settings["model"])), self.device)
         self.model.set_recompute(opts.recompute)
         self.model.set_subnet_bf16(opts.bf16 and self.device.type == "cuda")
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=self.lr, weight_decay=opts.weight_decay)

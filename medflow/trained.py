@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from medflow.checkpoint import latest_valid_step, load_state, read_config
+from medflow.device import place_model
 from medflow.errors import ModelError
 from medflow.model import DualGlow, DualGlowConfig
 from medflow.preprocess import Preprocessing
@@ -55,4 +56,4 @@ def load_trained(run_dir: str | Path, device: torch.device) -> TrainedModel:
         model.load_state_dict(state["model"])
     except (KeyError, RuntimeError) as exc:
         raise ModelError(f"{path}: weights do not match config.json ({str(exc).splitlines()[0][:160]})") from None
-    return TrainedModel(model.to(device).eval(), prep, mri_columns, config.get("qc"), path, side)
+    return TrainedModel(place_model(model, device).eval(), prep, mri_columns, config.get("qc"), path, side)

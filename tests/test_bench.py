@@ -85,6 +85,15 @@ def test_quality_markdown_and_coverage():
     assert bench.coverage(mean, std, ref, np.array([True, True, True])) == pytest.approx(2 / 3)
 
 
+def test_quality_run_end_to_end_on_a_tiny_cohort():
+    """Both models train on the flow's own batches; every method is scored on the held-out subject."""
+    result = bench.run_quality(2.0, torch.device("cpu"), 0.0, subjects=4, heldout=1)
+    assert result["flow_steps"] >= 1 and result["unet_steps"] >= 1 and result["n_test"] == 1
+    assert set(result["scores"]) == {"U-Net (MONAI BasicUNet, L1)", *bench.MEDFLOW_VARIANTS}
+    assert all(np.isfinite(r["psnr"]) and 0 < r["ssim"] <= 1 for rows in result["scores"].values() for r in rows)
+    assert "| U-Net (MONAI BasicUNet, L1) |" in bench.quality_markdown(result)
+
+
 def test_arguments_and_budget():
     args = bench.parse_args(["--quick"])
     assert args.sections == ["speed", "synthesis"]

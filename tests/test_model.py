@@ -176,3 +176,27 @@ def test_overrides_and_bad_options():
         DualGlow.from_preset("tiny", widht=3)
     with pytest.raises(ModelError, match="unknown preset"):
         DualGlow.from_preset("nope")
+
+
+def test_cpu_placement_is_channels_last_and_changes_no_number():
+    """``place_model`` stores 5-D weights channels-last on CPU; log p, gradients and samples match
+    the default layout's to float32 rounding, and the state dict loads into a plain model."""
+    from medflow.device import place_model
+
+    model, mri, pet = trained_tiny(injector_width=4)
+    placed = place_model(copy.deepcopy(model), torch.device("cpu"))
+    conv = next(m for m in placed.modules() if isinstance(m, torch.nn.Conv3d))
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last_3d)
+    for net in (model, placed):
+        net.zero_grad()
+        net.loss(pet, mri)[0].backward()
+    assert torch.allclose(placed.log_prob(pet, mri)["pet"], model.log_prob(pet, mri)["pet"], rtol=1e-5, atol=1e-3)
+    for a, b in zip(model.parameters(), placed.parameters()):
+        assert torch.allclose(a.grad, b.grad, rtol=1e-3, atol=1e-5)
+    torch.manual_seed(1)
+    expected = model.sample(mri, temperature=0.7)
+    torch.manual_seed(1)
+    assert torch.allclose(placed.sample(mri, temperature=0.7), expected, atol=1e-5)
+    plain = DualGlow.from_preset("tiny", injector_width=4)
+    plain.load_state_dict(placed.state_dict())
+    assert torch.allclose(plain.log_prob(pet, mri)["pet"], model.log_prob(pet, mri)["pet"], rtol=1e-5, atol=1e-3)
