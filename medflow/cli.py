@@ -116,6 +116,9 @@ def train(
     side_columns: str = typer.Option("", help="Comma-separated CSV columns of side information (e.g. age,sex,dx) "
                                              "that condition the top-level PET prior."),
     spacing: float = typer.Option(None, help="Model voxel size in mm (default: the preset's)."),
+    pet_normalization: str = typer.Option(None, help="global_mean: learn each PET divided by its SPM-style global "
+                                          "mean and write synthetic PETs at the training median level; none: "
+                                          "learn PET units as given (default: the preset's)."),
     grid: str = typer.Option(None, help="Model grid in voxels, e.g. 48,56,48 (default: fits the training data)."),
     steps: int = typer.Option(None, help="Stop after this many optimiser steps."),
     epochs: int = typer.Option(None, help="Stop after this many passes over the training set."),
@@ -148,7 +151,8 @@ def train(
             data=data, out=out, preset=preset, val=val, val_fraction=val_fraction,
             mri_columns=[c.strip() for c in mri_columns.split(",") if c.strip()],
             side_columns=[c.strip() for c in side_columns.split(",") if c.strip()], spacing=spacing,
-            grid=parse_grid(grid), steps=steps, epochs=epochs, time_limit=parse_seconds(time_limit),
+            pet_normalization=pet_normalization, grid=parse_grid(grid), steps=steps, epochs=epochs,
+            time_limit=parse_seconds(time_limit),
             batch_size=batch_size, lr=lr, warmup=warmup, ema=ema, seed=seed, device=device, bf16=bf16,
             recompute=memory_saving, checkpoint_every=checkpoint_every, val_every=val_every, resume=resume,
             allow_outside_paths=allow_outside_paths, model_overrides=parse_overrides(set_))

@@ -1,7 +1,8 @@
 """MONAI preprocessing shared by training and synthesis, and its stored parameters.
 
 Stage 1 (deterministic, cached during training): load -> channel first -> RAS ->
-resample to ``spacing`` mm -> crop to the foreground box (+ margin) of the first MRI contrast.
+resample to ``spacing`` mm -> crop to the foreground box (+ margin) of the first MRI contrast -> [with
+``pet_normalization: global_mean``: PET divided by its SPM-style global mean].
 Stage 2: pad/crop to the model ``grid`` (a multiple of 2^levels) -> [training only:
 small random affine] -> MRI scaled per volume so that its 0th..99.5th percentiles map to
 [-0.5, 0.5] (clipped) -> PET divided by the training set's ``pet_scale`` and shifted by
@@ -38,6 +39,7 @@ from medflow.imageio import Volume, read_volume
 
 FOREGROUND_FRACTION = 0.1
 MRI_PERCENTILES = (0.0, 99.5)
+PET_NORMALIZATIONS = ("global_mean", "none")
 
 
 @dataclass
@@ -46,13 +48,18 @@ class Preprocessing:
 
     spacing: voxel size in mm; grid: model input size in voxels (multiples of 2^levels);
     pet_scale: PET units mapped to 1.0 (robust maximum over the training set); margin:
-    voxels kept around the MRI foreground box.
+    voxels kept around the MRI foreground box; pet_normalization: ``global_mean`` (each
+    training PET divided by its global mean, see ``global_mean``) or ``none``; pet_level:
+    the global mean synthetic PETs are written at, in the training PETs' units (the median
+    over the training set; 1.0 without normalisation).
     """
 
     spacing: tuple[float, float, float]
     grid: tuple[int, int, int]
     pet_scale: float = 1.0
     margin: int = 2
+    pet_normalization: str = "none"
+    pet_level: float = 1.0
 
     def to_dict(self) -> dict:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
@@ -60,7 +67,8 @@ class Preprocessing:
     @classmethod
     def from_dict(cls, values: dict) -> "Preprocessing":
         return cls(tuple(float(s) for s in values["spacing"]), tuple(int(g) for g in values["grid"]),
-                   float(values["pet_scale"]), int(values.get("margin", 2)))
+                   float(values["pet_scale"]), int(values.get("margin", 2)),
+                   str(values.get("pet_normalization", "none")), float(values.get("pet_level", 1.0)))
 
 
 def is_foreground(image: torch.Tensor) -> torch.Tensor:
@@ -93,9 +101,35 @@ class LoadVolumesd(MapTransform):
         return d
 
 
-def stage1(spacing, margin: int, keys=("mri", "pet"), load: bool = True) -> Compose:
+def global_mean(pet: torch.Tensor) -> float:
+    """SPM's global mean (``spm_global``): the mean of the voxels above 1/8 of the volume's mean."""
+    flat = pet.flatten().double()
+    return float(flat[flat > flat.mean() / 8].mean()) if bool((flat > 0).any()) else 0.0
+
+
+class NormalizeGlobalMeand(MapTransform):
+    """Divide the PET by its global mean (SPM-style proportional scaling) and keep that mean
+    under ``pet_global``. A PET's global level follows injected dose, body weight, uptake time and
+    scanner calibration, none of which the MRI shows; the model learns the pattern instead."""
+
+    def __init__(self, key: str = "pet"):
+        super().__init__([key])
+
+    def __call__(self, data):
+        d = dict(data)
+        for key in self.key_iterator(d):
+            level = global_mean(d[key])
+            if not level > 0:
+                raise InputError(f"{d[key].meta.get('filename_or_obj', key)}: PET has no positive signal")
+            d[key] = d[key] / level
+            d[f"{key}_global"] = level
+        return d
+
+
+def stage1(spacing, margin: int, keys=("mri", "pet"), load: bool = True, pet_normalization: str = "none") -> Compose:
     """Load (optional), reorient to RAS, resample, crop to the first MRI contrast's foreground box
-    (so a second contrast, on its own intensity scale, does not move the box)."""
+    (so a second contrast, on its own intensity scale, does not move the box), and normalise the
+    PET as ``pet_normalization`` says."""
     keys = list(keys)
     steps = [LoadVolumesd(keys)] if load else []
     steps += [
@@ -104,6 +138,8 @@ def stage1(spacing, margin: int, keys=("mri", "pet"), load: bool = True) -> Comp
         CropForegroundd(keys, source_key="mri", select_fn=is_foreground, channel_indices=0, margin=margin,
                         allow_smaller=True),
     ]
+    if pet_normalization == "global_mean" and "pet" in keys:
+        steps.append(NormalizeGlobalMeand("pet"))
     return Compose(steps)
 
 
@@ -138,8 +174,8 @@ def plain_tensor(data) -> torch.Tensor:
 
 
 def pet_to_units(pet: torch.Tensor, prep: Preprocessing) -> torch.Tensor:
-    """Model-space PET ([-0.5, 0.5] scale) back to the training PET's units."""
-    return (pet + 0.5) * prep.pet_scale
+    """Model-space PET ([-0.5, 0.5] scale) back to the training PET's units (at ``pet_level``)."""
+    return (pet + 0.5) * (prep.pet_scale * prep.pet_level)
 
 
 def grid_for(shapes: list[tuple[int, int, int]], divisor: int) -> tuple[int, int, int]:

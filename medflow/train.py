@@ -27,7 +27,16 @@ from medflow.errors import InputError, OutputError, TrainingError
 from medflow.manifest import Subject, read_manifest
 from medflow.metrics import compute_metrics
 from medflow.model import DualGlow, DualGlowConfig
-from medflow.preprocess import Preprocessing, grid_for, pet_to_units, plain_tensor, robust_max, stage1, stage2
+from medflow.preprocess import (
+    PET_NORMALIZATIONS,
+    Preprocessing,
+    grid_for,
+    pet_to_units,
+    plain_tensor,
+    robust_max,
+    stage1,
+    stage2,
+)
 from medflow.presets import load_preset
 from medflow.side import SideSpec
 
@@ -44,6 +53,7 @@ class TrainOptions:
     mri_columns: list[str] = field(default_factory=lambda: ["mri"])
     side_columns: list[str] = field(default_factory=list)
     spacing: float | None = None
+    pet_normalization: str | None = None
     grid: tuple[int, int, int] | None = None
     steps: int | None = None
     epochs: int | None = None
@@ -167,10 +177,15 @@ class Trainer:
         model = {**preset["model"], **opts.model_overrides, "mri_channels": len(opts.mri_columns)}
         DualGlowConfig.from_dict(model)
         spacing = opts.spacing or float(preset["data"].get("spacing", 4.0))
+        normalization = opts.pet_normalization or preset["data"].get("pet_normalization", "none")
+        if normalization not in PET_NORMALIZATIONS:
+            raise InputError(f"PET normalisation must be one of {', '.join(PET_NORMALIZATIONS)}, "
+                             f"got {normalization!r}")
         self.settings = {
             "preset": opts.preset,
             "model": model,
             "spacing": [spacing] * 3,
+            "pet_normalization": normalization,
             "grid": list(opts.grid) if opts.grid else None,
             "mri_columns": list(opts.mri_columns),
             "side_columns": list(opts.side_columns),
@@ -196,7 +211,8 @@ class Trainer:
             s["model"]["side_channels"] = spec.width
         self.side_spec = SideSpec.from_dict(s["side"]) if s.get("side") else None
         levels = len(s["model"]["steps"])
-        pre = stage1(tuple(s["spacing"]), 2)
+        normalization = s.get("pet_normalization", "none")
+        pre = stage1(tuple(s["spacing"]), 2, pet_normalization=normalization)
         self.report(f"loading {len(train)} training and {len(val)} validation subjects")
         self.train_cache = CacheDataset(_records(train, self.side_spec, s["data"]), pre, progress=False, num_workers=0)
         self.val_cache = (CacheDataset(_records(val, self.side_spec, s["val"] or s["data"]), pre, progress=False,
@@ -211,7 +227,10 @@ class Trainer:
             pet_scale = float(np.median([robust_max(item["pet"]) for item in self.train_cache]))
             if not pet_scale > 0:
                 raise InputError(f"{s['data']}: training PET has no positive signal")
-            self.prep = Preprocessing(tuple(s["spacing"]), grid, pet_scale)
+            level = (float(np.median([item["pet_global"] for item in self.train_cache]))
+                     if normalization != "none" else 1.0)
+            self.prep = Preprocessing(tuple(s["spacing"]), grid, pet_scale, pet_normalization=normalization,
+                                      pet_level=level)
             s["preprocessing"] = self.prep.to_dict()
         model = s["model"]
         per_voxel = 1 if self.opts.recompute else 2 * sum(model["steps"])

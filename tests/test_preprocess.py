@@ -1,10 +1,12 @@
-"""Preprocessing: the crop box comes from the first MRI contrast alone."""
+"""Preprocessing: the crop box comes from the first MRI contrast alone; PET global-mean normalisation."""
 
 import numpy as np
+import pytest
 import torch
 from monai.data import MetaTensor
 
-from medflow.preprocess import stage1
+from medflow.errors import InputError
+from medflow.preprocess import NormalizeGlobalMeand, Preprocessing, global_mean, pet_to_units, stage1
 
 
 def test_crop_box_follows_the_first_contrast_only():
@@ -16,3 +18,36 @@ def test_crop_box_follows_the_first_contrast_only():
     both = stage1((1.0, 1.0, 1.0), 0, keys=["mri"], load=False)({"mri": mri})["mri"]
     assert tuple(alone.shape[1:]) == (10, 14, 6)
     assert tuple(both.shape[1:]) == (10, 14, 6)
+
+
+def test_global_mean_is_spm_global():
+    """Voxels at or below 1/8 of the whole mean (background, a faint rim) do not count."""
+    pet = torch.zeros(10, 10, 10)
+    pet[:5] = 2.0
+    pet[5:, :2] = 0.05  # whole mean 1.001: the rim lies below 1.001 / 8
+    assert global_mean(pet) == pytest.approx(2.0)
+    pet[5:, :2] = 0.5  # now above 1.05 / 8: 500 voxels of 2 and 100 of 0.5
+    assert global_mean(pet) == pytest.approx((500 * 2.0 + 100 * 0.5) / 600)
+    assert global_mean(torch.zeros(4, 4, 4)) == 0.0
+
+
+def test_global_mean_normalisation_removes_the_level_and_records_it():
+    rng = np.random.default_rng(0)
+    pattern = torch.from_numpy(rng.uniform(0.0, 3.0, (1, 12, 12, 12)).astype(np.float32))
+    outs = [NormalizeGlobalMeand()({"pet": MetaTensor(level * pattern)}) for level in (1.0, 7.5)]
+    assert torch.allclose(outs[0]["pet"], outs[1]["pet"], atol=1e-6)
+    assert global_mean(outs[0]["pet"]) == pytest.approx(1.0)
+    assert outs[1]["pet_global"] == pytest.approx(7.5 * outs[0]["pet_global"])
+    empty = MetaTensor(torch.zeros(1, 4, 4, 4), meta={"filename_or_obj": "sub-01_pet.nii.gz"})
+    with pytest.raises(InputError, match="sub-01_pet.nii.gz: PET has no positive signal"):
+        NormalizeGlobalMeand()({"pet": empty})
+
+
+def test_pet_units_follow_the_stored_level_and_old_configs_mean_no_normalisation():
+    old = Preprocessing.from_dict({"spacing": [4, 4, 4], "grid": [8, 8, 8], "pet_scale": 3.0})
+    assert (old.pet_normalization, old.pet_level) == ("none", 1.0)
+    new = Preprocessing.from_dict({**old.to_dict(), "pet_normalization": "global_mean", "pet_level": 2.0})
+    assert Preprocessing.from_dict(new.to_dict()) == new
+    model_space = torch.tensor([-0.5, 0.0, 0.5])
+    assert torch.allclose(pet_to_units(model_space, old), torch.tensor([0.0, 1.5, 3.0]))
+    assert torch.allclose(pet_to_units(model_space, new), torch.tensor([0.0, 3.0, 6.0]))

@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -148,6 +149,31 @@ def test_ddp_two_processes_on_cpu(pairs, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert (run / "final.pt").exists()
     assert (run / "metrics.csv").read_text().count("\n") == 4
+
+
+def test_pet_normalisation_is_recorded_and_sets_the_output_level(pairs, tmp_path):
+    """The presets' global-mean normalisation stores the training PETs' median global mean as the
+    level synthetic PETs are written at; ``--pet-normalization none`` keeps PET units as given."""
+    from medflow.manifest import read_manifest
+    from medflow.preprocess import global_mean, stage1
+
+    subjects = read_manifest(pairs, ["mri"])
+    for choice in ("global_mean", "none"):
+        out = tmp_path / choice
+        result = run_cli("train", pairs, "--out", out, *TRAIN_ARGS, "--steps", "1", "--val-fraction", "0",
+                         "--pet-normalization", choice)
+        assert result.returncode == 0, result.stderr
+        prep = load_trained(out, torch.device("cpu")).prep
+        assert prep.pet_normalization == choice
+        if choice == "none":
+            assert prep.pet_level == 1.0
+            continue
+        crop = stage1((6.0, 6.0, 6.0), 2)
+        levels = [global_mean(crop({"mri": [str(s.mri[0])], "pet": [str(s.pet)]})["pet"]) for s in subjects]
+        assert prep.pet_level == pytest.approx(float(np.median(levels)), rel=1e-5)
+    result = run_cli("train", pairs, "--out", tmp_path / "bad", *TRAIN_ARGS, "--pet-normalization", "suvr")
+    assert result.returncode != 0 and "PET normalisation must be one of global_mean, none" in result.stderr
+    assert "Traceback" not in result.stderr
 
 
 def test_lr_factor_warmup_then_cosine_to_ten_percent():
