@@ -6,7 +6,8 @@ a 3D reshape squeeze (FrEIA has none; ``Squeeze3d`` below), then per flow step
 coupling with one subnet, a learned per-channel affine and a fixed random channel
 permutation applied as a 1x1x1 convolution). The coupling subnets are medflow's own
 (3x3x3 -> 1x1x1 -> 3x3x3, same widths), and the conditional priors are medflow's
-``GaussianPrior`` conditioned exactly as in ``medflow.model.DualGlow``, so only the flow
+``GaussianPrior`` conditioned exactly as in ``medflow.model.DualGlow``, as is the affine
+injector on the PET input (``ConditionalAffine``) where the preset has one, so only the flow
 blocks differ. FrEIA builds each level for one fixed input size, so the peer is built
 for one volume shape.
 """
@@ -22,6 +23,7 @@ from torch import nn
 
 from medflow.flows.coupling import coupling_subnet
 from medflow.flows.glow import Encoding
+from medflow.flows.injector import ConditionalAffine
 from medflow.flows.prior import GaussianPrior
 from medflow.model import DualGlowConfig, bits_per_voxel
 from medflow.presets import load_preset
@@ -129,6 +131,8 @@ class PeerDualGlow(nn.Module):
     def __init__(self, config: DualGlowConfig, spatial: tuple[int, int, int]):
         super().__init__()
         config.validate()
+        if config.condition_width or config.side_channels:
+            raise ValueError("the FrEIA peer rebuilds neither the condition encoder nor side information")
         self.config = c = config
         steps = [int(k) for k in c.steps]
         self.mri_flow = PeerGlow3d(c.mri_channels, spatial, steps, c.hidden, c.clamp, prior_hidden=c.prior_hidden)
@@ -138,6 +142,7 @@ class PeerDualGlow(nn.Module):
             prior_cond_channels=self.mri_flow.z_channels, prior_hidden=c.prior_hidden,
             learn_prior_scale=c.prior == "mean_scale",
         )
+        self.injector = ConditionalAffine(1, c.mri_channels, c.injector_width, c.clamp) if c.injector_width else None
 
     @classmethod
     def from_preset(cls, name_or_path: str | Path, spatial: tuple[int, int, int], **overrides) -> "PeerDualGlow":
@@ -152,7 +157,9 @@ class PeerDualGlow(nn.Module):
         """``pet`` = log p(pet|mri), ``mri`` = log p(mri) in nats [B], and both in bits per voxel."""
         lp_mri, enc = self.mri_flow.log_prob(mri)
         coupling = enc.features if self.config.coupling_condition else None
-        lp_pet, _ = self.pet_flow.log_prob(pet, coupling, enc.zs)
+        flow_in, logdet = (pet, 0.0) if self.injector is None else self.injector(pet, mri)
+        lp_pet, _ = self.pet_flow.log_prob(flow_in, coupling, enc.zs)
+        lp_pet = lp_pet + logdet
         n = self.config.n_bins
         return {"pet": lp_pet, "mri": lp_mri, "pet_bpv": bits_per_voxel(lp_pet, pet, n),
                 "mri_bpv": bits_per_voxel(lp_mri, mri, n)}

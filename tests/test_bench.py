@@ -40,6 +40,18 @@ def test_peer_has_medflow_latents_and_a_finite_loss():
     assert torch.isfinite(loss) and terms["pet_bpv"].shape == (1,)
 
 
+def test_peer_shares_the_injector_and_has_medflow_parameters_but_the_channel_mix():
+    """small's peer: same injector, subnets and priors; only the flow blocks (per-step channel mix
+    and affine) differ, so the parameter counts differ by less than the LU matrices."""
+    ours = DualGlow.from_preset("small")
+    peer = PeerDualGlow.from_preset("small", (16, 16, 16))
+    assert sum(p.numel() for p in peer.injector.parameters()) == sum(p.numel() for p in ours.injector.parameters())
+    mix = sum(p.numel() for n, p in ours.named_parameters() if ".invconv." in n)
+    assert 0 < ours.num_parameters() - peer.num_parameters() <= mix
+    with pytest.raises(ValueError, match="condition encoder"):
+        PeerDualGlow.from_preset("tiny", SHAPE, condition_width=4)
+
+
 @pytest.mark.parametrize("case", [
     bench.Case("train", "tiny", SHAPE, timed=1),
     bench.Case("train", "tiny", SHAPE, recompute=True, timed=1),
@@ -83,6 +95,10 @@ def test_quality_markdown_and_coverage():
     assert "| U-Net | 20.00 ± 0.00 | 0.800 ± 0.000 |" in text and "85.0 ± 7.1" in text
     ref, mean, std = np.array([0.0, 1.0, 5.0]), np.zeros(3), np.ones(3)
     assert bench.coverage(mean, std, ref, np.array([True, True, True])) == pytest.approx(2 / 3)
+    truth = np.zeros((8, 8, 8))
+    truth[2:6, 2:6, 2:6] = 3.0
+    matched = bench.level_matched(truth, 0.5 * truth)
+    assert np.allclose(matched, 0.5 * truth)
 
 
 def test_quality_run_end_to_end_on_a_tiny_cohort():
@@ -92,6 +108,8 @@ def test_quality_run_end_to_end_on_a_tiny_cohort():
     assert set(result["scores"]) == {"U-Net (MONAI BasicUNet, L1)", *bench.MEDFLOW_VARIANTS}
     assert all(np.isfinite(r["psnr"]) and 0 < r["ssim"] <= 1 for rows in result["scores"].values() for r in rows)
     assert "| U-Net (MONAI BasicUNet, L1) |" in bench.quality_markdown(result)
+    assert len(result["coverage"]) == 2 * len(bench.CALIBRATION_TRUTHS)
+    assert all(0 <= c <= 1 for values in result["coverage"].values() for c in values)
 
 
 def test_arguments_and_budget():
