@@ -143,9 +143,12 @@ class DualGlow(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     def set_recompute(self, enabled: bool) -> None:
-        """Memory-saving backward (activations recomputed from outputs) for both flows."""
+        """Memory-saving backward for both flows (activations recomputed from outputs) and the
+        injector (its net's activations recomputed from the MRI)."""
         self.mri_flow.set_recompute(enabled)
         self.pet_flow.set_recompute(enabled)
+        if self.injector is not None:
+            self.injector.recompute = enabled
 
     def set_subnet_bf16(self, enabled: bool) -> None:
         """bfloat16 autocast inside coupling subnets only; invertible arithmetic stays fp32."""

@@ -166,3 +166,28 @@ def test_glow_latent_shapes_and_sampling_round_trip():
 def test_odd_spatial_size_is_a_clear_error():
     with pytest.raises(ValueError, match="divisible by 2"):
         tiny_glow()(torch.randn(1, 1, 6, 8, 8))
+
+
+def test_injector_recompute_keeps_fewer_bytes_for_backward_and_gives_the_same_gradients():
+    """With ``recompute`` the injector net's hidden activations are not saved for backward
+    (counted through saved-tensor hooks) and are rebuilt from the condition instead."""
+    injector = ConditionalAffine(1, 2, 16)
+    perturb(injector)
+    x, cond = torch.randn(2, 1, 6, 6, 6), torch.randn(2, 2, 6, 6, 6)
+    saved, grads = {}, {}
+    for recompute in (False, True):
+        injector.recompute = recompute
+        injector.zero_grad()
+        sizes = []
+
+        def pack(t, sizes=sizes):
+            sizes.append(t.numel() * t.element_size())
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            y, logdet = injector(x, cond)
+        (y.square().sum() + logdet.sum()).backward()
+        saved[recompute] = sum(sizes)
+        grads[recompute] = [p.grad.clone() for p in injector.parameters()]
+    assert saved[True] < saved[False] / 2
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(grads[False], grads[True]))

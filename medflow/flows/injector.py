@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from torch.utils.checkpoint import checkpoint
 
 from medflow.flows.base import InvertibleModule
 from medflow.flows.coupling import coupling_subnet, soft_clamp
@@ -15,7 +16,8 @@ class ConditionalAffine(InvertibleModule):
     condition alone, so the map is invertible for any x; log|det dy/dx| = -sum(log_s).
     The net's last layer starts at zero: the transform starts as the identity. In a
     conditional flow, ``mu`` becomes an estimate of x from c and the rest of the flow
-    models the residual.
+    models the residual. With ``recompute`` the net's activations are not kept for the
+    backward pass but recomputed from ``c`` (``torch.utils.checkpoint``).
     """
 
     def __init__(self, channels: int, cond_channels: int, hidden: int, clamp: float = 2.0):
@@ -23,10 +25,14 @@ class ConditionalAffine(InvertibleModule):
         self.channels = channels
         self.clamp = clamp
         self.net = coupling_subnet(cond_channels, hidden, 2 * channels)
+        self.recompute = False
 
     def params(self, cond: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Shift ``mu`` and log-scale ``log_s``, each [B, C, D, H, W]."""
-        out = self.net(cond)
+        if self.recompute and torch.is_grad_enabled():
+            out = checkpoint(self.net, cond, use_reentrant=False)
+        else:
+            out = self.net(cond)
         return out[:, : self.channels], soft_clamp(out[:, self.channels :], self.clamp)
 
     def forward(self, x, cond=None):
