@@ -185,22 +185,43 @@ def test_lr_factor_warmup_then_cosine_to_ten_percent():
     assert lr_factor(10, 4, 3.0) == pytest.approx(0.1)
 
 
-def test_time_limit_decays_lr_and_counts_across_resume(pairs, tmp_path):
+def test_time_limit_decays_lr_and_counts_across_resume(pairs, tmp_path, monkeypatch):
     """With --time-limit and no step count the cosine follows the elapsed training time, and a
-    resumed run only trains for what is left of the budget."""
+    resumed run only trains for what is left of the budget. The trainer's clock is replaced by
+    one on which every training batch takes exactly 0.5 s, so the test does not depend on speed."""
+    from types import SimpleNamespace
+
+    from rich.progress import Progress
+
+    import medflow.train
+    from medflow.train import Trainer, TrainOptions
+
+    clock = SimpleNamespace(now=100.0)
+    monkeypatch.setattr(medflow.train, "time", SimpleNamespace(monotonic=lambda: clock.now))
+    original = Trainer.train_batch
+
+    def half_second_batch(self, step):
+        clock.now += 0.5
+        return original(self, step)
+
+    monkeypatch.setattr(Trainer, "train_batch", half_second_batch)
     run = tmp_path / "timed"
-    args = ["--preset", "tiny", "--time-limit", "4", "--warmup", "1", "--lr", "0.001", "--checkpoint-every", "1000",
-            "--val-every", "1000", "--device", "cpu", "--spacing", "6"]
-    done = run_cli("train", pairs, "--out", run, *args)
-    assert done.returncode == 0, done.stderr
+
+    def train(resume: bool) -> Trainer:
+        opts = TrainOptions(data=pairs, out=run, preset="tiny", time_limit=4.0, warmup=1, lr=1e-3,
+                            checkpoint_every=1000, val_every=1000, device="cpu", spacing=6.0, resume=resume)
+        trainer = Trainer(opts, reporter=lambda m: None)
+        trainer.run(Progress(disable=True))
+        return trainer
+
+    train(resume=False)
     rows = (run / "metrics.csv").read_text().splitlines()
     header = rows[0].split(",")
     lrs = [float(r.split(",")[header.index("lr")]) for r in rows[1:]]
-    assert len(lrs) > 5 and lrs[0] == pytest.approx(0.001, rel=0.05)
-    assert all(b <= a + 1e-12 for a, b in zip(lrs, lrs[1:]))
+    # Step i starts at 0.5 i s of the 4 s budget; its successor's learning rate follows that fraction.
+    assert lrs == pytest.approx([1e-3 * lr_factor(i + 1, 1, 0.5 * i / 4.0) for i in range(8)])
     assert lrs[-1] < 0.3e-3
     state = load_state(step_checkpoints(run)[0])
-    assert state["elapsed"] >= 4.0 and state["step"] == len(lrs)
-    again = run_cli("train", pairs, "--out", run, *args, "--resume")
-    assert again.returncode == 0, again.stderr
-    assert load_state(step_checkpoints(run)[0])["step"] == len(lrs)
+    assert state["elapsed"] == pytest.approx(4.0) and state["step"] == 8
+    assert train(resume=True).step == 8
+    assert load_state(step_checkpoints(run)[0])["step"] == 8
