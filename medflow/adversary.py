@@ -15,6 +15,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from medflow.condition import rms_normalize
+
 BOUND = 3.0  # largest absolute prediction: standardised numbers and one-hot categories lie well inside
 
 
@@ -44,5 +46,4 @@ class SideDiscriminator(nn.Module):
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         z = grad_reverse(z)
-        rms = z.pow(2).mean(dim=tuple(range(1, z.dim())), keepdim=True).add(1e-6).sqrt()
-        return BOUND * torch.tanh(self.net(z / rms) / BOUND)
+        return BOUND * torch.tanh(self.net(rms_normalize(z)) / BOUND)

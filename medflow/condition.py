@@ -17,6 +17,12 @@ def _block(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
                          nn.Conv3d(cout, cout, 3, padding=1), nn.LeakyReLU(0.1, inplace=True))
 
 
+def rms_normalize(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """x [B, ...] divided by its root mean square over everything but the batch dimension:
+    the same for x and k * x (k > 0), so a loss on the result cannot gain by rescaling x."""
+    return x / x.pow(2).mean(dim=tuple(range(1, x.dim())), keepdim=True).add(eps).sqrt()
+
+
 class ConditionEncoder(nn.Module):
     """mri [B, C, D, H, W] -> features[i] [B, width, D/2^(i+1), H/2^(i+1), W/2^(i+1)], i < levels."""
 

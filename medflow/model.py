@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from medflow.adversary import SideDiscriminator
-from medflow.condition import ConditionEncoder
+from medflow.condition import ConditionEncoder, rms_normalize
 from medflow.errors import ModelError
 from medflow.flows.glow import SQUEEZES, Glow3d
 from medflow.flows.injector import ConditionalAffine
@@ -26,7 +26,10 @@ class DualGlowConfig:
     coupling subnets; prior_hidden: width of the prior networks; prior: ``mean_scale``
     (the MRI latent sets mean and scale of the PET prior) or ``mean`` (scale fixed at 1,
     as in the authors' code); coupling_condition: also feed the MRI flow's features of
-    each level into the PET couplings (cINN-style); condition_width: if > 0, a condition
+    each level into the PET couplings (cINN-style); normalize_condition: divide each MRI latent
+    and feature tensor that conditions the PET flow by its per-sample root mean square, so the PET
+    loss cannot gain by inflating the MRI flow's latents (with a small ``lam`` nothing else stops
+    it, and training spikes); condition_width: if > 0, a condition
     encoder (a small 3D U-Net on the MRI, ``medflow.condition``) of this width adds
     multi-scale MRI features to the PET couplings and priors of every level; side_channels:
     length of the side-information vector (age, sex, diagnosis... see ``medflow.side``) that
@@ -48,6 +51,7 @@ class DualGlowConfig:
     clamp: float = 2.0
     prior: str = "mean_scale"
     coupling_condition: bool = False
+    normalize_condition: bool = False
     condition_width: int = 0
     side_channels: int = 0
     side_adversary: float = 0.1
@@ -165,8 +169,9 @@ class DualGlow(nn.Module):
         if self.config.side_channels and (side is None or side.shape[-1] != self.config.side_channels):
             raise ValueError(f"this model needs a side vector of length {self.config.side_channels}")
         extra = self.encoder(mri) if self.encoder is not None else None
-        coupling = enc_mri.features if self.config.coupling_condition else None
-        prior = list(enc_mri.zs)
+        scale = rms_normalize if self.config.normalize_condition else (lambda t: t)
+        coupling = [scale(f) for f in enc_mri.features] if self.config.coupling_condition else None
+        prior = [scale(z) for z in enc_mri.zs]
         if extra is not None:
             coupling = extra if coupling is None else [torch.cat(p, dim=1) for p in zip(coupling, extra)]
             prior = [torch.cat(p, dim=1) for p in zip(prior, extra)]

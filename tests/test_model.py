@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from medflow import DualGlow
+from medflow.model import DualGlowConfig
 from medflow.presets import available_presets, load_preset
 from tests.test_flows import perturb
 
@@ -51,6 +52,24 @@ def test_condition_encoder_feeds_every_level_and_keeps_round_trip():
     loss, _ = model.train().loss(pet, mri)
     loss.backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.encoder.parameters())
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+def test_normalized_condition_ignores_the_scale_of_mri_latents(normalize):
+    """With ``normalize_condition`` the PET flow sees the same conditions when every MRI latent and
+    feature is multiplied by a positive factor per sample (so the PET loss cannot reward inflating
+    them); without it (configs written before the option) it does not."""
+    from medflow.flows.glow import Encoding
+
+    model, mri, _ = trained_tiny(normalize_condition=normalize)
+    enc = model.mri_flow.encode(mri)
+    factor = torch.tensor([3.0, 0.2, 7.0, 1.5])[:, None, None, None, None]
+    scaled = Encoding([z * factor for z in enc.zs], enc.kept, [f * factor for f in enc.features], enc.logdet)
+    (coupling, prior, _), (coupling2, prior2, _) = model._pet_conditions(mri, enc), model._pet_conditions(mri, scaled)
+    same = all(torch.allclose(a, b, atol=1e-5) for a, b in zip(coupling + prior, coupling2 + prior2))
+    assert same == normalize
+    assert DualGlow.from_preset("tiny").config.normalize_condition
+    assert not DualGlowConfig.from_dict({}).normalize_condition
 
 
 @pytest.mark.parametrize("width", [0, 6])
