@@ -23,6 +23,14 @@ def rms_normalize(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     return x / x.pow(2).mean(dim=tuple(range(1, x.dim())), keepdim=True).add(eps).sqrt()
 
 
+def mri_conditions(features: list[torch.Tensor], zs: list[torch.Tensor], coupling: bool, normalize: bool):
+    """What the MRI flow's encoding gives the PET flow: per-level coupling conditions (its
+    ``features``, or None without ``coupling``) and prior conditions (its latents ``zs``), each
+    ``rms_normalize``d with ``normalize``."""
+    scale = rms_normalize if normalize else (lambda t: t)
+    return ([scale(f) for f in features] if coupling else None), [scale(z) for z in zs]
+
+
 class ConditionEncoder(nn.Module):
     """mri [B, C, D, H, W] -> features[i] [B, width, D/2^(i+1), H/2^(i+1), W/2^(i+1)], i < levels."""
 

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from medflow.adversary import SideDiscriminator
-from medflow.condition import ConditionEncoder, rms_normalize
+from medflow.condition import ConditionEncoder, mri_conditions
 from medflow.errors import ModelError
 from medflow.flows.glow import SQUEEZES, Glow3d
 from medflow.flows.injector import ConditionalAffine
@@ -169,9 +169,8 @@ class DualGlow(nn.Module):
         if self.config.side_channels and (side is None or side.shape[-1] != self.config.side_channels):
             raise ValueError(f"this model needs a side vector of length {self.config.side_channels}")
         extra = self.encoder(mri) if self.encoder is not None else None
-        scale = rms_normalize if self.config.normalize_condition else (lambda t: t)
-        coupling = [scale(f) for f in enc_mri.features] if self.config.coupling_condition else None
-        prior = [scale(z) for z in enc_mri.zs]
+        coupling, prior = mri_conditions(enc_mri.features, enc_mri.zs, self.config.coupling_condition,
+                                         self.config.normalize_condition)
         if extra is not None:
             coupling = extra if coupling is None else [torch.cat(p, dim=1) for p in zip(coupling, extra)]
             prior = [torch.cat(p, dim=1) for p in zip(prior, extra)]

@@ -21,6 +21,7 @@ import FrEIA.modules as Fm
 import torch
 from torch import nn
 
+from medflow.condition import mri_conditions
 from medflow.flows.coupling import coupling_subnet
 from medflow.flows.glow import Encoding
 from medflow.flows.injector import ConditionalAffine
@@ -156,9 +157,10 @@ class PeerDualGlow(nn.Module):
     def log_prob(self, pet: torch.Tensor, mri: torch.Tensor) -> dict[str, torch.Tensor]:
         """``pet`` = log p(pet|mri), ``mri`` = log p(mri) in nats [B], and both in bits per voxel."""
         lp_mri, enc = self.mri_flow.log_prob(mri)
-        coupling = enc.features if self.config.coupling_condition else None
+        coupling, prior = mri_conditions(enc.features, enc.zs, self.config.coupling_condition,
+                                         self.config.normalize_condition)
         flow_in, logdet = (pet, 0.0) if self.injector is None else self.injector(pet, mri)
-        lp_pet, _ = self.pet_flow.log_prob(flow_in, coupling, enc.zs)
+        lp_pet, _ = self.pet_flow.log_prob(flow_in, coupling, prior)
         lp_pet = lp_pet + logdet
         n = self.config.n_bins
         return {"pet": lp_pet, "mri": lp_mri, "pet_bpv": bits_per_voxel(lp_pet, pet, n),
