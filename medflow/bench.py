@@ -30,6 +30,7 @@ from importlib import metadata
 from pathlib import Path
 
 import torch
+from scipy.stats import t as student_t
 from rich.console import Console
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
@@ -358,21 +359,28 @@ def coverage(mean, std, ref, mask, z: float = COVERAGE_Z) -> float:
     return float(inside[mask].mean())
 
 
-def ideal_coverage(z: float, n: int) -> float:
-    """Coverage of mean +- z std for a perfectly calibrated Gaussian model when mean and std
-    (ddof 0, as ``medflow synthesize`` writes it) come from n samples: the truth minus the mean
-    over std * sqrt((n+1)/(n-1)) is Student-t with n-1 degrees of freedom (0.81 for z = 1.645, n = 8)."""
-    from scipy.stats import t
+def _t_scale(n: int) -> float:
+    """(truth - mean) / (std * this) is Student-t with n-1 degrees of freedom for a perfectly
+    calibrated Gaussian model whose mean and std (ddof 0, as ``medflow synthesize`` writes it)
+    come from n samples."""
+    return math.sqrt((n + 1) / (n - 1))
 
-    return float(2.0 * t.cdf(z * math.sqrt((n - 1) / (n + 1)), n - 1) - 1.0)
+
+def ideal_coverage(z: float, n: int) -> float:
+    """Coverage of mean +- z std (n samples) for a perfectly calibrated Gaussian model
+    (0.81 for z = 1.645, n = 8)."""
+    return float(2.0 * student_t.cdf(z / _t_scale(n), n - 1) - 1.0)
 
 
 def prediction_z(n: int, level: float = 0.90) -> float:
-    """The z for which mean +- z std (n samples, ddof 0) holds the truth with probability ``level``
+    """The z for which mean +- z std (n samples) holds the truth with probability ``level``
     under a perfectly calibrated Gaussian model: the finite-sample prediction interval."""
-    from scipy.stats import t
+    return float(student_t.ppf(0.5 + level / 2.0, n - 1) * _t_scale(n))
 
-    return float(t.ppf(0.5 + level / 2.0, n - 1) * math.sqrt((n + 1) / (n - 1)))
+
+def coverage_zs(n: int) -> tuple[float, float]:
+    """The intervals reported for n samples: the issue's 1.645 std and the finite-sample 90 % one."""
+    return COVERAGE_Z, prediction_z(n)
 
 
 def level_matched(ref, mean):
@@ -401,7 +409,7 @@ def score_test_subjects(tm, net, subjects, folder: Path, device: torch.device) -
 
     scores = {"U-Net (MONAI BasicUNet, L1)": [], **{name: [] for name in MEDFLOW_VARIANTS}}
     calibration = {(truth, t, z): [] for t, n in MEDFLOW_VARIANTS.values() if n > 1
-                   for truth in CALIBRATION_TRUTHS for z in (COVERAGE_Z, prediction_z(n))}
+                   for truth in CALIBRATION_TRUTHS for z in coverage_zs(n)}
     for s in subjects:
         ref = read_volume(s.pet)
         mask = read_mask(s.mask, like=ref)
@@ -416,7 +424,7 @@ def score_test_subjects(tm, net, subjects, folder: Path, device: torch.device) -
             if samples > 1:
                 std = read_volume(std_path).data
                 for truth, values in zip(CALIBRATION_TRUTHS, (ref.data, level_matched(ref.data, mean))):
-                    for z in (COVERAGE_Z, prediction_z(samples)):
+                    for z in coverage_zs(samples):
                         calibration[(truth, temperature, z)].append(coverage(mean, std, values, mask, z))
     return {"scores": scores, "coverage": calibration}
 

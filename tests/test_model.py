@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from medflow import DualGlow
+from medflow.flows.glow import Encoding
 from medflow.model import DualGlowConfig
 from medflow.presets import available_presets, load_preset
 from tests.test_flows import perturb
@@ -59,8 +60,6 @@ def test_normalized_condition_ignores_the_scale_of_mri_latents(normalize):
     """With ``normalize_condition`` the PET flow sees the same conditions when every MRI latent and
     feature is multiplied by a positive factor per sample (so the PET loss cannot reward inflating
     them); without it (configs written before the option) it does not."""
-    from medflow.flows.glow import Encoding
-
     model, mri, _ = trained_tiny(normalize_condition=normalize)
     enc = model.mri_flow.encode(mri)
     factor = torch.tensor([3.0, 0.2, 7.0, 1.5])[:, None, None, None, None]

@@ -8,14 +8,17 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
+from rich.progress import Progress
 
+import medflow.train
 from medflow.checkpoint import load_state, step_checkpoints
 from medflow.errors import ModelError, TrainingError
-from medflow.train import lr_factor
+from medflow.train import Trainer, TrainOptions, lr_factor
 from medflow.trained import load_trained
 from tests.paired_data import write_paired_csv
 
@@ -117,10 +120,7 @@ def test_crafted_pickle_checkpoint_is_refused(pairs, tmp_path):
 
 
 def test_repeated_nonfinite_losses_stop_with_checkpoint_intact(pairs, tmp_path, monkeypatch):
-    from rich.progress import Progress
-
     from medflow.model import DualGlow
-    from medflow.train import Trainer, TrainOptions
 
     run = tmp_path / "run"
     opts = TrainOptions(data=pairs, out=run, preset="tiny", steps=20, checkpoint_every=2, device="cpu",
@@ -189,13 +189,6 @@ def test_time_limit_decays_lr_and_counts_across_resume(pairs, tmp_path, monkeypa
     """With --time-limit and no step count the cosine follows the elapsed training time, and a
     resumed run only trains for what is left of the budget. The trainer's clock is replaced by
     one on which every training batch takes exactly 0.5 s, so the test does not depend on speed."""
-    from types import SimpleNamespace
-
-    from rich.progress import Progress
-
-    import medflow.train
-    from medflow.train import Trainer, TrainOptions
-
     clock = SimpleNamespace(now=100.0)
     monkeypatch.setattr(medflow.train, "time", SimpleNamespace(monotonic=lambda: clock.now))
     original = Trainer.train_batch
