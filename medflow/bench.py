@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
 import shlex
@@ -30,16 +29,16 @@ from importlib import metadata
 from pathlib import Path
 
 import torch
-from scipy.stats import t as student_t
 from rich.console import Console
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from medflow.calibration import COVERAGE_Z, coverage, ideal_coverage, prediction_z
+
 TOTAL_BUDGET_S = 1800.0  # the whole default run, seconds
-QUALITY_RESERVE_S = 240.0  # medflow's validation and QC pass after training, and scoring 8 subjects
+QUALITY_RESERVE_S = 300.0  # medflow's validation, QC and temperature calibration after training, scoring 8 subjects
 MIN_QUALITY_BUDGET_S = 60.0  # training seconds per model, at least
 GPU_VOLUME = (96, 112, 96)
-COVERAGE_Z = 1.645  # the issue's interval: mean +- 1.645 std, 90 % for the true predictive std
 MIB = 2.0**20
 
 console = Console(width=None if sys.stdout.isatty() else 160)
@@ -353,31 +352,6 @@ def unet_predict(net, tm, mri_paths, device: torch.device):
     return to_native_grid(pet_to_units(net(mri)[0, 0], tm.prep), data, transform)
 
 
-def coverage(mean, std, ref, mask, z: float = COVERAGE_Z) -> float:
-    """Fraction of mask voxels whose reference lies within mean +- z std."""
-    inside = abs(ref - mean) <= z * std
-    return float(inside[mask].mean())
-
-
-def _t_scale(n: int) -> float:
-    """(truth - mean) / (std * this) is Student-t with n-1 degrees of freedom for a perfectly
-    calibrated Gaussian model whose mean and std (ddof 0, as ``medflow synthesize`` writes it)
-    come from n samples."""
-    return math.sqrt((n + 1) / (n - 1))
-
-
-def ideal_coverage(z: float, n: int) -> float:
-    """Coverage of mean +- z std (n samples) for a perfectly calibrated Gaussian model
-    (0.81 for z = 1.645, n = 8)."""
-    return float(2.0 * student_t.cdf(z / _t_scale(n), n - 1) - 1.0)
-
-
-def prediction_z(n: int, level: float = 0.90) -> float:
-    """The z for which mean +- z std (n samples) holds the truth with probability ``level``
-    under a perfectly calibrated Gaussian model: the finite-sample prediction interval."""
-    return float(student_t.ppf(0.5 + level / 2.0, n - 1) * _t_scale(n))
-
-
 def coverage_zs(n: int) -> tuple[float, float]:
     """The intervals reported for n samples: the issue's 1.645 std and the finite-sample 90 % one."""
     return COVERAGE_Z, prediction_z(n)
@@ -392,12 +366,19 @@ def level_matched(ref, mean):
 
 
 CALIBRATION_TRUTHS = ("true PET", "true PET at the synthesis's global mean")
-MEDFLOW_VARIANTS = {  # name: (temperature, samples)
-    "medflow, mean of 8 samples, T=0.5": (0.5, 8),
-    "medflow, mean of 8 samples, T=1.0": (1.0, 8),
-    "medflow, T=0 (prior mean)": (0.0, 1),
-    "medflow, single sample, T=0.5": (0.5, 1),
-}
+SAMPLES = 16  # samples behind each medflow mean and std
+
+
+def medflow_variants(tm) -> dict[str, tuple[float, int]]:
+    """name: (temperature, samples), at the temperature ``medflow synthesize`` uses by default
+    (``TrainedModel.temperature``: calibrated on the validation subjects, else 0.5) and at 0.5."""
+    default = f"T={tm.temperature:.2f} ({'calibrated' if tm.calibration else 'default'})"
+    return {
+        f"medflow, mean of {SAMPLES} samples, {default}": (tm.temperature, SAMPLES),
+        f"medflow, mean of {SAMPLES} samples, T=0.5": (0.5, SAMPLES),
+        "medflow, T=0 (prior mean)": (0.0, 1),
+        f"medflow, single sample, {default}": (tm.temperature, 1),
+    }
 
 
 def score_test_subjects(tm, net, subjects, folder: Path, device: torch.device) -> dict:
@@ -407,15 +388,16 @@ def score_test_subjects(tm, net, subjects, folder: Path, device: torch.device) -
     from medflow.metrics import compute_metrics
     from medflow.synthesize import SynthesisOptions, synthesize_file
 
-    scores = {"U-Net (MONAI BasicUNet, L1)": [], **{name: [] for name in MEDFLOW_VARIANTS}}
-    calibration = {(truth, t, z): [] for t, n in MEDFLOW_VARIANTS.values() if n > 1
+    variants = medflow_variants(tm)
+    scores = {"U-Net (MONAI BasicUNet, L1)": [], **{name: [] for name in variants}}
+    calibration = {(truth, t, z): [] for t, n in variants.values() if n > 1
                    for truth in CALIBRATION_TRUTHS for z in coverage_zs(n)}
     for s in subjects:
         ref = read_volume(s.pet)
         mask = read_mask(s.mask, like=ref)
         pred = unet_predict(net, tm, s.mri, device)
         scores["U-Net (MONAI BasicUNet, L1)"].append(compute_metrics(pred, ref.data, mask))
-        for name, (temperature, samples) in MEDFLOW_VARIANTS.items():
+        for name, (temperature, samples) in variants.items():
             mean_path, std_path = folder / f"{s.subject}_mean.nii.gz", folder / f"{s.subject}_std.nii.gz"
             synthesize_file(tm, s.mri, mean_path, SynthesisOptions(temperature, samples, overwrite=True), device,
                             std_out=std_path if samples > 1 else None)
@@ -426,7 +408,7 @@ def score_test_subjects(tm, net, subjects, folder: Path, device: torch.device) -
                 for truth, values in zip(CALIBRATION_TRUTHS, (ref.data, level_matched(ref.data, mean))):
                     for z in coverage_zs(samples):
                         calibration[(truth, temperature, z)].append(coverage(mean, std, values, mask, z))
-    return {"scores": scores, "coverage": calibration}
+    return {"scores": scores, "coverage": calibration, "samples": SAMPLES, "calibration": tm.calibration}
 
 
 def run_quality(budget_s: float | None, device: torch.device, elapsed_s: float, subjects: int = 32,
@@ -645,8 +627,19 @@ def quality_rows(result: dict) -> list[list[str]]:
     return rows
 
 
+def calibration_text(cal: dict | None) -> str:
+    if cal is None:
+        return "`medflow train` had no validation subjects to calibrate the temperature on: T = 0.5, the default."
+    return f"""The calibrated temperature T = {cal['temperature']:g} is the one `medflow train` found on its
+{cal['subjects']} validation subject(s) and recorded in the run's config.json (`medflow.calibration`:
+bisection on T until the truth, in the model's global-mean-normalised units, lies within
+mean ± {cal['z']} std of {cal['samples']} samples as often as for a perfectly calibrated model,
+{100 * cal['target']:.1f} % of voxels; reached {100 * cal['coverage']:.1f} %); `medflow synthesize` samples at it
+unless `--temperature` is given. The test subjects play no part in choosing it."""
+
+
 def quality_markdown(result: dict) -> str:
-    samples = max(n for _, n in MEDFLOW_VARIANTS.values())
+    samples, cal = result["samples"], result["calibration"]
     coverage_rows = [[truth, f"{t:g}", f"mean ± {z:.3f} std", f"{100 * ideal_coverage(z, samples):.1f}",
                       mean_sd([100 * c for c in values], 1)]
                      for (truth, t, z), values in result["coverage"].items()]
@@ -665,11 +658,13 @@ and scored inside its brain mask by `medflow.metrics.compute_metrics`; mean ± S
 
 {md_table(QUALITY_HEADERS, quality_rows(result))}
 
+{calibration_text(cal)}
+
 Calibration of the uncertainty: percentage of brain-mask voxels whose truth lies within
 mean ± z std of the {samples} samples, mean ± SD over the test subjects. "Ideal" is what a perfectly
-calibrated Gaussian model scores (`bench.ideal_coverage`): with mean and std estimated from {samples}
-samples, z = 1.645 reaches only {100 * ideal_coverage(COVERAGE_Z, samples):.1f} %, not 90 %; z = {prediction_z(samples):.3f} is the
-finite-sample 90 % prediction interval (`bench.prediction_z`). Truth is
+calibrated Gaussian model scores (`calibration.ideal_coverage`): with mean and std estimated from {samples}
+samples, z = 1.645 reaches {100 * ideal_coverage(COVERAGE_Z, samples):.1f} %, not 90 %; z = {prediction_z(samples):.3f} is the
+finite-sample 90 % prediction interval (`calibration.prediction_z`). Truth is
 the test subject's PET as it is, and rescaled to the synthesis's global mean
 (`bench.level_matched`): `small` learns global-mean-normalised PET (`--pet-normalization`),
 so its samples share the training median level and their spread covers the uptake pattern,

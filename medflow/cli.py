@@ -198,7 +198,9 @@ def synthesize(
                                                                "a folder of MRIs, or a CSV with the model's MRI columns."),
     output: Path = typer.Argument(..., help="Output .nii.gz for one input; a folder for a batch."),
     model: Path = typer.Option(..., "--model", "-m", help="Run folder written by medflow train."),
-    temperature: float = typer.Option(0.5, help="Prior temperature T: 0 = prior mean, 1 = the learnt spread."),
+    temperature: float = typer.Option(None, help="Prior temperature T: 0 = prior mean, 1 = the learnt spread; "
+                                                 "default: the model's, calibrated on its validation subjects "
+                                                 "(config.json 'calibration'), else 0.5."),
     samples: int = typer.Option(4, help="Number of PET samples N; the output is their mean."),
     std: Path = typer.Option(None, help="Write the voxel-wise std of the N samples here (file; folder in batch mode)."),
     qc: Path = typer.Option(None, help="Write a PNG of orthogonal slices here (file; folder in batch mode)."),
@@ -226,7 +228,7 @@ def synthesize(
     def body():
         if samples < 1:
             raise InputError("--samples must be at least 1")
-        if temperature < 0:
+        if temperature is not None and temperature < 0:
             raise InputError("--temperature must be >= 0")
         dev = resolve_device(device)
         tm = load_trained(model, dev)
@@ -239,8 +241,8 @@ def synthesize(
         if not batch:
             _, mri_paths, out_path, job_side = jobs[0]
             result = synthesize_file(tm, mri_paths, out_path, opts, dev, std, qc, warn=_warn, side=job_side)
-            out.print(f"wrote {out_path}  (MRI likelihood {result.mri_bpv:.3f} bit/voxel, {result.seconds:.1f} s)",
-                      highlight=False)
+            out.print(f"wrote {out_path}  (T = {result.temperature:g}, MRI likelihood {result.mri_bpv:.3f} bit/voxel, "
+                      f"{result.seconds:.1f} s)", highlight=False)
             return
         _run_batch(tm, jobs, output, opts, dev, std, qc, skip_existing)
 
@@ -296,7 +298,8 @@ def _run_batch(tm, jobs, output, opts, dev, std_dir, qc_dir, skip_existing):
     provenance = output / f"medflow-synthesize-{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}-{os.getpid()}.json"
     provenance.write_text(json.dumps({
         "medflow_version": __version__, "argv": sys.argv, "device": str(dev), "model": str(tm.weights),
-        "options": vars(opts), "results": [dict(zip(("subject", "status", "message", "mri_bpv"), r)) for r in rows],
+        "options": {**vars(opts), "temperature": tm.temperature if opts.temperature is None else opts.temperature},
+        "results": [dict(zip(("subject", "status", "message", "mri_bpv"), r)) for r in rows],
     }, indent=2) + "\n")
     out.print(f"{len(rows) - failures} of {len(rows)} done, {failures} failed; provenance: {provenance}")
     if failures:

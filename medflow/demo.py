@@ -28,7 +28,7 @@ class DemoOptions:
     heldout: int = 8
     preset: str = "small"
     device: str = "auto"
-    temperature: float = 1.0
+    temperature: float | None = None  # None: the temperature training calibrated (``TrainedModel.temperature``)
     samples: int = 8
     seed: int = 0
 

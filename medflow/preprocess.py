@@ -101,10 +101,15 @@ class LoadVolumesd(MapTransform):
         return d
 
 
+def global_region(pet: torch.Tensor) -> torch.Tensor:
+    """SPM's global-mean region (``spm_global``): the voxels above 1/8 of the volume's mean (bool,
+    same shape)."""
+    return pet > pet.double().mean() / 8
+
+
 def global_mean(pet: torch.Tensor) -> float:
-    """SPM's global mean (``spm_global``): the mean of the voxels above 1/8 of the volume's mean."""
-    flat = pet.flatten().double()
-    return float(flat[flat > flat.mean() / 8].mean()) if bool((flat > 0).any()) else 0.0
+    """SPM's global mean: the mean of the voxels in ``global_region``."""
+    return float(pet[global_region(pet)].double().mean()) if bool((pet > 0).any()) else 0.0
 
 
 class NormalizeGlobalMeand(MapTransform):

@@ -27,9 +27,10 @@ QC_Z_LIMIT = 4.0
 
 @dataclass
 class SynthesisOptions:
-    """temperature: prior temperature T (0 = prior mean); samples: N draws averaged; seed: RNG seed."""
+    """temperature: prior temperature T (0 = prior mean; None = the model's calibrated one,
+    ``TrainedModel.temperature``); samples: N draws averaged; seed: RNG seed."""
 
-    temperature: float = 0.5
+    temperature: float | None = None
     samples: int = 4
     seed: int = 0
     overwrite: bool = False
@@ -38,6 +39,7 @@ class SynthesisOptions:
 
 @dataclass
 class SynthesisResult:
+    temperature: float
     mri_bpv: float
     qc_z: float | None
     qc_ok: bool
@@ -85,10 +87,11 @@ def synthesize_file(tm: TrainedModel, mri_paths: list[Path], out: Path, opts: Sy
     mri = plain_tensor(data["mri"])[None].to(device)
     side_vector = tm.side.encode(side or {}, str(mri_paths[0]))[None].to(device) if tm.side else None
     generator = torch.Generator().manual_seed(opts.seed)
+    temperature = tm.temperature if opts.temperature is None else opts.temperature
     try:
         with torch.no_grad():
             lp_mri, _ = tm.model.encode_mri(mri)
-            draws = tm.model.sample(mri, opts.temperature, opts.samples, generator, side_vector)[:, 0, 0]
+            draws = tm.model.sample(mri, temperature, opts.samples, generator, side_vector)[:, 0, 0]
     except torch.OutOfMemoryError:
         raise ResourceError(f"{mri_paths[0]}: model grid {tuple(tm.prep.grid)} does not fit in {device} memory; "
                             "use --device cpu or fewer --samples") from None
@@ -114,6 +117,6 @@ def synthesize_file(tm: TrainedModel, mri_paths: list[Path], out: Path, opts: Sy
     if qc_png is not None:
         from medflow.qcplot import write_qc_png
 
-        write_qc_png(qc_png, reference.data, mean, std, title=f"{mri_paths[0].name}  T={opts.temperature} "
+        write_qc_png(qc_png, reference.data, mean, std, title=f"{mri_paths[0].name}  T={temperature:g} "
                      f"N={opts.samples}", overwrite=opts.overwrite)
-    return SynthesisResult(bpv, z, qc_ok, time.monotonic() - start)
+    return SynthesisResult(temperature, bpv, z, qc_ok, time.monotonic() - start)

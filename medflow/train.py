@@ -7,6 +7,7 @@ A resumed run therefore repeats exactly what an uninterrupted run would have don
 
 from __future__ import annotations
 
+import copy
 import csv
 import math
 import signal
@@ -21,6 +22,7 @@ from monai.data import CacheDataset
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from medflow import __version__
+from medflow.calibration import calibrate_temperature
 from medflow.checkpoint import latest_valid_step, read_config, save_state, save_step, write_config
 from medflow.device import Distributed, check_fits, init_distributed, place_model, resolve_device
 from medflow.errors import InputError, OutputError, TrainingError
@@ -39,6 +41,10 @@ from medflow.preprocess import (
 )
 from medflow.presets import load_preset
 from medflow.side import SideSpec
+from medflow.trained import weights_file
+
+
+CALIBRATION_SUBJECTS = 8  # validation subjects the sampling temperature is calibrated on, at most
 
 
 @dataclass
@@ -317,7 +323,7 @@ class Trainer:
             "elapsed": self.clock,
         }
 
-    def _write_run_config(self, qc: dict | None = None) -> None:
+    def _write_run_config(self, qc: dict | None = None, calibration: dict | None = None) -> None:
         config = {
             "medflow_version": __version__,
             "torch_version": torch.__version__,
@@ -329,12 +335,12 @@ class Trainer:
             "n_train": len(self.train_cache),
             "n_val": len(self.val_cache),
         }
-        if qc is not None:
-            config["qc"] = qc
-        elif (self.run_dir / "config.json").exists():
-            previous = read_config(self.run_dir)
-            if "qc" in previous:
-                config["qc"] = previous["qc"]
+        previous = read_config(self.run_dir) if (self.run_dir / "config.json").exists() else {}
+        for key, value in (("qc", qc), ("calibration", calibration)):
+            if value is not None:
+                config[key] = value
+            elif key in previous:
+                config[key] = previous[key]
         write_config(self.run_dir, config)
 
     def save_checkpoint(self) -> None:
@@ -493,8 +499,24 @@ class Trainer:
         voxels = mri[0].numel()
         bits = [(-lp / voxels + math.log(model.config.n_bins)) / math.log(2.0) for lp in bpv]
         self._write_run_config({"mri_bpv_mean": float(np.mean(bits)), "mri_bpv_std": float(np.std(bits)),
-                                "mri_bpv_max": float(np.max(bits)), "n": len(bits)})
+                                "mri_bpv_max": float(np.max(bits)), "n": len(bits)}, self._calibrate())
         self.model.train()
+
+    def _calibrate(self) -> dict | None:
+        """Calibrate the sampling temperature of the weights synthesis loads (best.pt, else
+        final.pt) on up to CALIBRATION_SUBJECTS validation subjects; None without validation data."""
+        if not self.val_cache:
+            return None
+        model = copy.deepcopy(self.ema.module if self.ema else self.model)
+        model.load_state_dict(weights_file(self.run_dir)[1]["model"])
+        model.eval()
+        items = [self.eval_item(self.val_cache[i]) for i in range(min(len(self.val_cache), CALIBRATION_SUBJECTS))]
+        calibration = calibrate_temperature(model, items)
+        self.report(f"sampling temperature calibrated on {calibration.subjects} validation subject(s): "
+                    f"T = {calibration.temperature:.2f} (truth within mean ± {calibration.z} std of "
+                    f"{calibration.samples} samples in {100 * calibration.coverage:.1f} % of voxels, "
+                    f"ideal {100 * calibration.target:.1f} %)")
+        return calibration.to_dict()
 
 
 class MetricsLog:

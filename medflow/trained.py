@@ -14,6 +14,8 @@ from medflow.model import DualGlow, DualGlowConfig
 from medflow.preprocess import Preprocessing
 from medflow.side import SideSpec
 
+DEFAULT_TEMPERATURE = 0.5  # models trained without validation subjects, or before calibration existed
+
 
 @dataclass
 class TrainedModel:
@@ -25,6 +27,13 @@ class TrainedModel:
     qc: dict | None
     weights: Path
     side: SideSpec | None = None
+    calibration: dict | None = None
+
+    @property
+    def temperature(self) -> float:
+        """The sampling temperature calibrated on the validation subjects when the model was
+        trained (``medflow.calibration``), else DEFAULT_TEMPERATURE."""
+        return float(self.calibration["temperature"]) if self.calibration else DEFAULT_TEMPERATURE
 
 
 def weights_file(run_dir: Path) -> tuple[Path, dict]:
@@ -56,4 +65,5 @@ def load_trained(run_dir: str | Path, device: torch.device) -> TrainedModel:
         model.load_state_dict(state["model"])
     except (KeyError, RuntimeError) as exc:
         raise ModelError(f"{path}: weights do not match config.json ({str(exc).splitlines()[0][:160]})") from None
-    return TrainedModel(place_model(model, device).eval(), prep, mri_columns, config.get("qc"), path, side)
+    return TrainedModel(place_model(model, device).eval(), prep, mri_columns, config.get("qc"), path, side,
+                        config.get("calibration"))

@@ -1,5 +1,6 @@
 """medflow synthesize: native grid, batches, bad inputs, determinism, output safety."""
 
+import json
 import shutil
 
 import nibabel as nib
@@ -69,6 +70,23 @@ def test_same_seed_same_output_other_seed_differs(trained, tmp_path):
         outs.append(nib.load(path).get_fdata())
     assert np.array_equal(outs[0], outs[1])
     assert not np.array_equal(outs[0], outs[2])
+
+
+def test_default_temperature_is_the_one_calibrated_in_training(trained, tmp_path):
+    """train records the temperature calibrated on its validation subjects; synthesize samples at
+    it unless --temperature is given (same seed: same draws as asking for it explicitly)."""
+    run, pairs = trained
+    calibration = json.loads((run / "config.json").read_text())["calibration"]
+    assert calibration["subjects"] >= 1 and calibration["samples"] == 16
+    assert 0.05 <= calibration["temperature"] <= 4.0
+    mri = pairs / "sub-00_t1.nii.gz"
+    default, explicit = tmp_path / "default.nii.gz", tmp_path / "explicit.nii.gz"
+    result = cli("synthesize", mri, default, "--model", run, "--samples", "2")
+    assert result.exit_code == 0, result.stderr
+    assert f"T = {calibration['temperature']:g}," in " ".join(result.stdout.split())
+    assert cli("synthesize", mri, explicit, "--model", run, "--samples", "2",
+               "--temperature", calibration["temperature"]).exit_code == 0
+    assert np.array_equal(nib.load(default).get_fdata(), nib.load(explicit).get_fdata())
 
 
 def test_existing_output_is_never_overwritten_silently(trained, tmp_path):

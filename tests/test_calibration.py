@@ -1,0 +1,67 @@
+"""Calibration of the samples' spread against oracles with a known answer."""
+
+import numpy as np
+import pytest
+import torch
+
+from medflow import calibration
+from medflow.trained import DEFAULT_TEMPERATURE, TrainedModel
+
+
+def test_coverage_counts_mask_voxels_inside_the_interval():
+    ref, mean, std = np.array([0.0, 1.0, 5.0, 0.0]), np.zeros(4), np.ones(4)
+    assert calibration.coverage(mean, std, ref, np.array([True, True, True, False])) == pytest.approx(2 / 3)
+    assert calibration.coverage(torch.zeros(4), torch.ones(4), torch.tensor([0.0, 1.0, 5.0, 0.0]),
+                                torch.tensor([True, True, True, False])) == pytest.approx(2 / 3)
+
+
+def test_ideal_coverage_matches_a_perfectly_calibrated_model():
+    """Oracle: truth and 8 samples drawn from the same Gaussian per voxel, mean and ddof-0 std from
+    the samples; the measured coverage matches ``ideal_coverage`` (0.81 at z = 1.645, not 0.90) and
+    the finite-sample interval ``prediction_z`` holds 90 %."""
+    rng = np.random.default_rng(0)
+    loc, scale = rng.normal(size=200_000), rng.uniform(0.5, 2.0, 200_000)
+    draws = loc + scale * rng.standard_normal((8, loc.size))
+    truth = loc + scale * rng.standard_normal(loc.size)
+    mean, std, mask = draws.mean(0), draws.std(0), np.ones(loc.size, bool)
+    assert calibration.ideal_coverage(1.645, 8) == pytest.approx(0.810, abs=0.002)
+    assert calibration.coverage(mean, std, truth, mask) == pytest.approx(calibration.ideal_coverage(1.645, 8),
+                                                                          abs=0.004)
+    z = calibration.prediction_z(8)
+    assert calibration.ideal_coverage(z, 8) == pytest.approx(0.90, abs=1e-9)
+    assert calibration.coverage(mean, std, truth, mask, z) == pytest.approx(0.90, abs=0.004)
+    assert calibration.ideal_coverage(1.645, 10**6) == pytest.approx(0.90, abs=1e-4)
+
+
+class GaussianModel:
+    """Stands in for DualGlow: samples are loc + T * scale * eps, so temperature ``k`` reproduces a
+    truth drawn as loc + k * scale * eps."""
+
+    def __init__(self, loc: torch.Tensor, scale: torch.Tensor):
+        self.loc, self.scale = loc, scale
+
+    def sample(self, mri, temperature, n, generator, side):
+        eps = torch.randn((n, 1, 1, *self.loc.shape), generator=generator)
+        return self.loc + temperature * self.scale * eps
+
+
+@pytest.mark.parametrize("spread", [0.6, 1.0, 1.7])
+def test_calibrated_temperature_recovers_the_spread_of_the_truth(spread):
+    """Oracle: the truth is drawn with ``spread`` times the model's scale at T = 1, so the
+    calibrated temperature must come out as ``spread``."""
+    g = torch.Generator().manual_seed(1)
+    shape = (40, 40, 40)
+    loc, scale = 1.0 + 0.3 * torch.rand(shape, generator=g), 0.05 + 0.1 * torch.rand(shape, generator=g)
+    model = GaussianModel(loc, scale)
+    items = [(None, (loc + spread * scale * torch.randn(shape, generator=g))[None, None], None) for _ in range(2)]
+    result = calibration.calibrate_temperature(model, items)
+    assert result.temperature == pytest.approx(spread, rel=0.03)
+    assert result.coverage == pytest.approx(calibration.ideal_coverage(calibration.COVERAGE_Z, 16), abs=0.01)
+    assert (result.samples, result.subjects) == (16, 2)
+
+
+def test_temperature_falls_back_for_models_without_calibration():
+    uncalibrated = TrainedModel(None, None, ["mri"], None, None)
+    calibrated = TrainedModel(None, None, ["mri"], None, None, calibration={"temperature": 1.3})
+    assert uncalibrated.temperature == DEFAULT_TEMPERATURE
+    assert calibrated.temperature == 1.3
