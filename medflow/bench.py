@@ -33,7 +33,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from medflow.calibration import COVERAGE_Z, coverage, ideal_coverage, prediction_z
+from medflow.calibration import CALIBRATION_SAMPLES, COVERAGE_Z, coverage, ideal_coverage, prediction_z
 
 TOTAL_BUDGET_S = 1800.0  # the whole default run, seconds
 QUALITY_RESERVE_S = 300.0  # medflow's validation, QC and temperature calibration after training, scoring 8 subjects
@@ -366,7 +366,7 @@ def level_matched(ref, mean):
 
 
 CALIBRATION_TRUTHS = ("true PET", "true PET at the synthesis's global mean")
-SAMPLES = 16  # samples behind each medflow mean and std
+SAMPLES = CALIBRATION_SAMPLES  # behind each medflow mean and std: as many as the temperature was calibrated for
 
 
 def medflow_variants(tm) -> dict[str, tuple[float, int]]:
