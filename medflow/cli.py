@@ -298,7 +298,7 @@ def _run_batch(tm, jobs, output, opts, dev, std_dir, qc_dir, skip_existing):
     provenance = output / f"medflow-synthesize-{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}-{os.getpid()}.json"
     provenance.write_text(json.dumps({
         "medflow_version": __version__, "argv": sys.argv, "device": str(dev), "model": str(tm.weights),
-        "options": {**vars(opts), "temperature": tm.temperature if opts.temperature is None else opts.temperature},
+        "options": {**vars(opts), "temperature": opts.temperature_for(tm)},
         "results": [dict(zip(("subject", "status", "message", "mri_bpv"), r)) for r in rows],
     }, indent=2) + "\n")
     out.print(f"{len(rows) - failures} of {len(rows)} done, {failures} failed; provenance: {provenance}")

@@ -36,6 +36,10 @@ class SynthesisOptions:
     overwrite: bool = False
     strict_qc: bool = False
 
+    def temperature_for(self, tm: TrainedModel) -> float:
+        """The temperature to sample ``tm`` at: the one asked for, else the model's."""
+        return tm.temperature if self.temperature is None else self.temperature
+
 
 @dataclass
 class SynthesisResult:
@@ -87,7 +91,7 @@ def synthesize_file(tm: TrainedModel, mri_paths: list[Path], out: Path, opts: Sy
     mri = plain_tensor(data["mri"])[None].to(device)
     side_vector = tm.side.encode(side or {}, str(mri_paths[0]))[None].to(device) if tm.side else None
     generator = torch.Generator().manual_seed(opts.seed)
-    temperature = tm.temperature if opts.temperature is None else opts.temperature
+    temperature = opts.temperature_for(tm)
     try:
         with torch.no_grad():
             lp_mri, _ = tm.model.encode_mri(mri)
