@@ -366,16 +366,15 @@ def level_matched(ref, mean):
 
 
 CALIBRATION_TRUTHS = ("true PET", "true PET at the synthesis's global mean")
-SAMPLES = CALIBRATION_SAMPLES  # behind each medflow mean and std: as many as the temperature was calibrated for
-
-
 def medflow_variants(tm) -> dict[str, tuple[float, int]]:
     """name: (temperature, samples), at the temperature ``medflow synthesize`` uses by default
-    (``TrainedModel.temperature``: calibrated on the validation subjects, else 0.5) and at 0.5."""
+    (``TrainedModel.temperature``: calibrated on the validation subjects, else 0.5) and at 0.5;
+    each mean and std from as many samples as the temperature was calibrated for."""
     default = f"T={tm.temperature:.2f} ({'calibrated' if tm.calibration else 'default'})"
+    n = CALIBRATION_SAMPLES
     return {
-        f"medflow, mean of {SAMPLES} samples, {default}": (tm.temperature, SAMPLES),
-        f"medflow, mean of {SAMPLES} samples, T=0.5": (0.5, SAMPLES),
+        f"medflow, mean of {n} samples, {default}": (tm.temperature, n),
+        f"medflow, mean of {n} samples, T=0.5": (0.5, n),
         "medflow, T=0 (prior mean)": (0.0, 1),
         f"medflow, single sample, {default}": (tm.temperature, 1),
     }
@@ -408,7 +407,7 @@ def score_test_subjects(tm, net, subjects, folder: Path, device: torch.device) -
                 for truth, values in zip(CALIBRATION_TRUTHS, (ref.data, level_matched(ref.data, mean))):
                     for z in coverage_zs(samples):
                         calibration[(truth, temperature, z)].append(coverage(mean, std, values, mask, z))
-    return {"scores": scores, "coverage": calibration, "samples": SAMPLES, "calibration": tm.calibration}
+    return {"scores": scores, "coverage": calibration, "samples": CALIBRATION_SAMPLES, "calibration": tm.calibration}
 
 
 def run_quality(budget_s: float | None, device: torch.device, elapsed_s: float, subjects: int = 32,
@@ -628,8 +627,11 @@ def quality_rows(result: dict) -> list[list[str]]:
 
 
 def calibration_text(cal: dict | None) -> str:
+    from medflow.trained import DEFAULT_TEMPERATURE
+
     if cal is None:
-        return "`medflow train` had no validation subjects to calibrate the temperature on: T = 0.5, the default."
+        return (f"`medflow train` had no validation subjects to calibrate the temperature on: "
+                f"T = {DEFAULT_TEMPERATURE:g}, the default.")
     return f"""The calibrated temperature T = {cal['temperature']:g} is the one `medflow train` found on its
 {cal['subjects']} validation subject(s) and recorded in the run's config.json (`medflow.calibration`:
 bisection on T until the truth, in the model's global-mean-normalised units, lies within
