@@ -2,13 +2,14 @@
 
 Sections (``--sections``): ``speed`` (training step of ``small`` and ``dualglow3d``, plain
 autograd vs the memory-saving backward, and the FrEIA-built peer of ``medflow.peer_flow``),
-``synthesis`` (latency of ``DualGlow.sample`` for 1 and 8 samples) and ``quality`` (medflow
+``synthesis`` (latency of ``DualGlow.sample`` for 1 and 8 samples), ``tuning`` (bf16 subnets,
+``torch.compile`` and the largest training batch; meant for a GPU) and ``quality`` (medflow
 ``small`` and a MONAI U-Net trained for the same wall-clock budget on the demo data, scored
 on its held-out subjects). ``--quick`` runs small sizes only and skips quality (< 3 min).
+Every section runs on ``--device``; the report keeps one part per device (cpu, cuda).
 
 Every speed and latency number comes from a fresh worker process (``--worker SPEC``,
-printing one JSON line), so peak memories do not mix. Times are in seconds, memories in MiB.
-"""
+printing one JSON line), so peak memories do not mix. Times are in seconds, memories in MiB."""
 
 from __future__ import annotations
 
@@ -16,13 +17,14 @@ import argparse
 import json
 import os
 import platform
+import re
 import shlex
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from functools import partial
 from importlib import metadata
@@ -39,6 +41,7 @@ TOTAL_BUDGET_S = 1800.0  # the whole default run, seconds
 QUALITY_RESERVE_S = 300.0  # medflow's validation, QC and temperature calibration after training, scoring 8 subjects
 MIN_QUALITY_BUDGET_S = 60.0  # training seconds per model, at least
 GPU_VOLUME = (96, 112, 96)
+MAX_BATCH = 256  # the largest training batch the batch-size search tries
 MIB = 2.0**20
 
 console = Console(width=None if sys.stdout.isatty() else 160)
@@ -135,8 +138,10 @@ def peak_memory_mib(device: torch.device) -> float:
 # ----- one measurement, in a worker process --------------------------------------------------
 @dataclass
 class Case:
-    """One measurement. task: ``train`` (one optimiser step) or ``sample`` (``DualGlow.sample``);
-    impl: ``medflow`` or ``peer`` (FrEIA); shape: volume in voxels; overrides: model options."""
+    """One measurement. task: ``train`` (one optimiser step), ``sample`` (``DualGlow.sample``) or
+    ``max_batch`` (the largest training batch that fits, up to ``batch``); impl: ``medflow`` or
+    ``peer`` (FrEIA); shape: volume in voxels; overrides: model options; bf16: bfloat16 coupling
+    subnets (``set_subnet_bf16``); compiled: ``DualGlow.compile_subnets``."""
 
     task: str
     preset: str
@@ -149,11 +154,20 @@ class Case:
     warmup: int = 1
     timed: int = 3
     device: str = "cpu"
+    bf16: bool = False
+    compiled: bool = False
+    batch: int = 1
+
+    @property
+    def variant(self) -> str:
+        """Backward, precision and compilation in words: 'memory-saving, bf16 subnets, compiled'."""
+        words = ["memory-saving" if self.recompute else "plain", "bf16 subnets" if self.bf16 else "fp32"]
+        return ", ".join(words + (["torch.compile"] if self.compiled else []))
 
     @property
     def label(self) -> str:
         what = f"{self.samples} sample(s)" if self.task == "sample" else (
-            "FrEIA peer" if self.impl == "peer" else "memory-saving" if self.recompute else "plain")
+            "FrEIA peer" if self.impl == "peer" else self.variant)
         return f"{self.task} {self.preset} {volume_text(self.shape)} {what} on {self.device}"
 
 
@@ -170,13 +184,16 @@ def build_model(case: Case, device: torch.device) -> torch.nn.Module:
 
     model = DualGlow.from_preset(case.preset, **case.overrides)
     model.set_recompute(case.recompute)
+    model.set_subnet_bf16(case.bf16)
+    if case.compiled:
+        model.compile_subnets()
     return place_model(model, device)
 
 
-def example_pair(shape, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Seeded uniform MRI and PET volumes [1, 1, *shape] in the model's [-0.5, 0.5] range."""
+def example_pair(shape, device: torch.device, batch: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Seeded uniform MRI and PET volumes [batch, 1, *shape] in the model's [-0.5, 0.5] range."""
     g = torch.Generator().manual_seed(0)
-    mri, pet = (torch.rand((1, 1, *shape), generator=g) - 0.5 for _ in range(2))
+    mri, pet = (torch.rand((batch, 1, *shape), generator=g) - 0.5 for _ in range(2))
     return mri.to(device), pet.to(device)
 
 
@@ -199,37 +216,108 @@ def seconds(fn, device: torch.device) -> tuple[float, float]:
     return time.perf_counter() - wall, time.process_time() - cpu
 
 
-def measure(case: Case) -> dict:
-    """Build, initialise ActNorm with one training-mode forward, then time ``case.timed`` runs after
-    ``case.warmup`` untimed ones. Memory: baseline after build and initialisation, peak above it."""
-    device = torch.device(case.device)
+def initialised_model(case: Case, device: torch.device) -> tuple[torch.nn.Module, float]:
+    """``build_model`` with ActNorm initialised by one training-mode forward without gradients,
+    and that forward's wall-clock seconds (compilation of the forward included)."""
     torch.set_num_threads(usable_cores())
     torch.manual_seed(0)
     model = build_model(case, device)
     mri, pet = example_pair(case.shape, device)
     model.train()
     with torch.no_grad():
-        model.loss(pet, mri)
+        init_s, _ = seconds(partial(model.loss, pet, mri), device)
+    return model, init_s
+
+
+def timed_runs(run, case: Case, device: torch.device) -> dict:
+    """Time ``case.timed`` calls of ``run`` after ``case.warmup`` untimed ones (the first call's
+    time, compilation included, is reported too). Memory: baseline now, peak above it."""
+    baseline = memory_now_mib(device)
+    reset_peak_memory(device)
+    times = [seconds(run, device) for _ in range(case.warmup + case.timed)]
+    peak = peak_memory_mib(device)
+    timed = times[case.warmup:]
+    return {"times_s": [wall for wall, _ in timed], "median_s": statistics.median(wall for wall, _ in timed),
+            "first_s": times[0][0], "median_cpu_s": statistics.median(cpu for _, cpu in timed),
+            "baseline_mib": baseline, "peak_mib": peak, "above_baseline_mib": peak - baseline,
+            "threads": torch.get_num_threads()}
+
+
+def trainable_parameters(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def measure(case: Case) -> dict:
+    """Build and initialise the model, then time ``case.timed`` training steps or sampling calls
+    on batch ``case.batch``. Memory: baseline after build and initialisation, peak above it."""
+    device = torch.device(case.device)
+    model, init_s = initialised_model(case, device)
+    mri, pet = example_pair(case.shape, device, case.batch)
     if case.task == "train":
         run = partial(train_step, model, torch.optim.AdamW(model.parameters(), lr=1e-4), pet, mri)
     else:
         model.eval()
         run = partial(model.sample, mri, case.temperature, case.samples)
-    baseline = memory_now_mib(device)
-    reset_peak_memory(device)
-    times = [seconds(run, device) for _ in range(case.warmup + case.timed)][case.warmup:]
-    peak = peak_memory_mib(device)
-    return {"params": sum(p.numel() for p in model.parameters() if p.requires_grad),
-            "times_s": [wall for wall, _ in times], "median_s": statistics.median(wall for wall, _ in times),
-            "median_cpu_s": statistics.median(cpu for _, cpu in times), "baseline_mib": baseline,
-            "peak_mib": peak, "above_baseline_mib": peak - baseline, "threads": torch.get_num_threads()}
+    return {"params": trainable_parameters(model), "init_s": init_s, **timed_runs(run, case, device)}
+
+
+def largest_batch(fits, cap: int) -> int:
+    """The largest batch b <= cap with ``fits(b)``, for a ``fits`` that is true up to some size and
+    false above it: doubling from 1, then bisection. 0 when batch 1 does not fit."""
+    if not fits(1):
+        return 0
+    good, bad = 1, None
+    while good < cap and bad is None:
+        trial = min(2 * good, cap)
+        if fits(trial):
+            good = trial
+        else:
+            bad = trial
+    while bad is not None and bad - good > 1:
+        middle = (good + bad) // 2
+        if fits(middle):
+            good = middle
+        else:
+            bad = middle
+    return good
+
+
+def step_fits(model, optimizer, shape, device: torch.device, failures: list[str], batch: int) -> bool:
+    """One training step on ``batch`` random volumes runs. A failure (out of memory, or a kernel
+    refusing a tensor that large) is appended to ``failures`` as 'batch N: reason'."""
+    mri, pet = example_pair(shape, device, batch)
+    try:
+        train_step(model, optimizer, pet, mri)
+        return True
+    except RuntimeError as error:
+        reason = "out of memory" if isinstance(error, torch.OutOfMemoryError) else str(error).splitlines()[0][:120]
+        failures.append(f"batch {batch}: {reason}")
+        optimizer.zero_grad(set_to_none=True)
+    finally:
+        del mri, pet
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return False
+
+
+def measure_largest_batch(case: Case) -> dict:
+    """The largest training batch up to ``case.batch`` that fits (``largest_batch``, all tries in
+    this one process) and the first failure above it ("limit")."""
+    device = torch.device(case.device)
+    model, _ = initialised_model(case, device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    failures: list[str] = []
+    batch = largest_batch(partial(step_fits, model, optimizer, case.shape, device, failures), case.batch)
+    if batch == 0:
+        return {"error": failures[0]}
+    return {"max_batch": batch, "limit": failures[-1] if failures else f"the search's cap {case.batch}"}
 
 
 def run_worker(spec: str) -> None:
     """Entry point of ``--worker SPEC``: print the measurement as one JSON line."""
     case = Case(**json.loads(spec))
     try:
-        result = measure(case)
+        result = measure_largest_batch(case) if case.task == "max_batch" else measure(case)
     except torch.OutOfMemoryError:
         result = {"error": f"out of {case.device} memory"}
     print(json.dumps(result), flush=True)
@@ -250,6 +338,15 @@ def run_case(case: Case, timeout_s: float) -> dict:
     return json.loads(lines[-1])
 
 
+def result_text(r: dict) -> str:
+    """One measurement in a line of the console log."""
+    if "error" in r:
+        return "failed: " + r["error"]
+    if "max_batch" in r:
+        return f"largest batch {r['max_batch']} ({r['limit']})"
+    return f"median {r['median_s']:.3f} s, first {r['first_s']:.2f} s, peak {r['peak_mib']:.0f} MiB"
+
+
 def run_cases(cases: list[Case], timeout_s: float) -> list[dict]:
     """Run each case in its own worker, with a rich progress display."""
     results = []
@@ -259,6 +356,7 @@ def run_cases(cases: list[Case], timeout_s: float) -> list[dict]:
         for case in cases:
             progress.update(task, description=case.label)
             results.append(run_case(case, timeout_s))
+            progress.console.print(f"{case.label}: {result_text(results[-1])}")
             progress.advance(task)
     return results
 
@@ -289,18 +387,43 @@ def speed_configs(quick: bool, device: str) -> list[SpeedConfig]:
                         why="the 2 mm volume is too slow for a CPU benchmark with width-512 subnets at every level")]
 
 
+def train_case(config: SpeedConfig, device: str, **options) -> Case:
+    """A training-step case of ``config`` on ``device``; ``options``: other ``Case`` fields."""
+    return Case(**{"task": "train", "preset": config.preset, "shape": config.shape, "overrides": config.overrides,
+                   "timed": config.timed, "device": device, **options})
+
+
 def speed_cases(config: SpeedConfig, device: str) -> list[Case]:
     """medflow with plain autograd, medflow with the memory-saving backward, the FrEIA peer."""
-    common = dict(task="train", preset=config.preset, shape=config.shape, overrides=config.overrides,
-                  timed=config.timed, device=device)
-    return [Case(**common), Case(**common, recompute=True), Case(**common, impl="peer")]
+    return [train_case(config, device), train_case(config, device, recompute=True),
+            train_case(config, device, impl="peer")]
 
 
-def synthesis_cases(quick: bool, devices: list[str]) -> list[Case]:
-    """``small`` on the 2 mm brain volume (quick: 48x56x48), 1 and 8 samples at T = 0.5, per device."""
+def synthesis_cases(quick: bool, device: str) -> list[Case]:
+    """``small`` on the 2 mm brain volume (quick: 48x56x48), 1 and 8 samples at T = 0.5."""
     shape = (48, 56, 48) if quick else GPU_VOLUME
-    return [Case("sample", "small", shape, samples=n, timed=3 if n > 1 else 5, device=d)
-            for d in devices for n in (1, 8)]
+    return [Case("sample", "small", shape, samples=n, timed=3 if n > 1 else 5, device=device) for n in (1, 8)]
+
+
+TUNING_VARIANTS = ({}, {"bf16": True})  # precision of the coupling subnets
+BATCH_VARIANTS = ({}, {"bf16": True}, {"recompute": True})
+
+
+def tuning_cases(quick: bool, device: str) -> tuple[list[Case], list[Case], list[Case]]:
+    """Per preset of ``speed_configs``: medflow's training step in fp32 and with bf16 subnets; the
+    searches for the largest batch that fits (fp32, bf16, memory-saving); and, slowest to run, the
+    two steps with ``torch.compile`` (two warm-up steps: the first compiles)."""
+    search = {"task": "max_batch", "timed": 3, "batch": 2 if quick else MAX_BATCH}
+    configs = speed_configs(quick, device)
+    eager = [train_case(c, device, **v) for c in configs for v in TUNING_VARIANTS]
+    searches = [train_case(c, device, **search, **v) for c in configs for v in BATCH_VARIANTS]
+    compiled = [train_case(c, device, compiled=True, warmup=2, **v) for c in configs for v in TUNING_VARIANTS]
+    return eager, searches, compiled
+
+
+def at_largest_batch(searches: list[Case], found: list[dict]) -> list[Case]:
+    """A training-step case at the largest batch of each search that found one."""
+    return [replace(case, task="train", batch=r["max_batch"]) for case, r in zip(searches, found) if "max_batch" in r]
 
 
 # ----- quality ------------------------------------------------------------------------------
@@ -610,6 +733,88 @@ started: {load}.
 """
 
 
+TUNING_HEADERS = ["preset", "volume (voxels)", "variant", "step time (s)", "initialisation + first step (s)",
+                  "peak memory above baseline (MiB)", "time / fp32 eager"]
+BATCH_HEADERS = ["preset", "volume (voxels)", "variant", "largest batch", "step time at it (s)",
+                 "time per volume (s)", "per volume / fp32 batch 1", "peak memory above baseline (MiB)",
+                 "first failure above it"]
+
+
+@dataclass
+class TuningResults:
+    """The tuning section's measurements: batch-1 steps (``tuning_cases``' eager and compiled ones),
+    the batch-size searches, and the steps timed at each search's largest batch (in search order,
+    for the searches that found one)."""
+
+    steps: list[tuple[Case, dict]]
+    searches: list[tuple[Case, dict]]
+    at_largest: list[dict]
+
+    def reference(self) -> dict[str, dict]:
+        """preset: its plain fp32 eager step at batch 1, the base of the ratios."""
+        return {c.preset: r for c, r in self.steps if not (c.bf16 or c.compiled)}
+
+
+def failed_row(head: list[str], error: str, headers: list[str]) -> list[str]:
+    return head + ["failed: " + error] + [""] * (len(headers) - len(head) - 1)
+
+
+def step_rows(results: TuningResults) -> list[list[str]]:
+    """The step-time table; ratios to the same preset's plain fp32 eager step."""
+    reference = results.reference()
+    rows = []
+    for case, r in results.steps:
+        head = [case.preset, volume_text(case.shape), case.variant]
+        if "error" in r:
+            rows.append(failed_row(head, r["error"], TUNING_HEADERS))
+            continue
+        rows.append(head + [f"{r['median_s']:.3f}", f"{r['init_s'] + r['first_s']:.1f}",
+                            f"{r['above_baseline_mib']:.0f}", ratio_text(r, reference[case.preset], "median_s")])
+    return rows
+
+
+def batch_rows(results: TuningResults) -> list[list[str]]:
+    """The largest-batch table; per-volume times against the preset's plain fp32 step at batch 1."""
+    reference = results.reference()
+    timed = iter(results.at_largest)
+    rows = []
+    for case, found in results.searches:
+        head = [case.preset, volume_text(case.shape), case.variant]
+        if "error" in found:
+            rows.append(failed_row(head, found["error"], BATCH_HEADERS))
+            continue
+        r, batch = next(timed), found["max_batch"]
+        if "error" in r:
+            rows.append(failed_row(head + [str(batch)], f"{r['error']} (fresh process)", BATCH_HEADERS))
+            continue
+        per_volume = {"median_s": r["median_s"] / batch}
+        rows.append(head + [str(batch), f"{r['median_s']:.3f}", f"{per_volume['median_s']:.3f}",
+                            ratio_text(per_volume, reference[case.preset], "median_s"),
+                            f"{r['above_baseline_mib']:.0f}", found["limit"]])
+    return rows
+
+
+def tuning_markdown(results: TuningResults, device: str, load: str) -> str:
+    return f"""## 4. Precision, torch.compile and batch size ({device})
+
+medflow's training step as in section 1 (batch 1, median over the timed steps after the
+untimed warm-up; "initialisation + first step" is the ActNorm-initialising forward without
+gradients and the first training step, so compilation is included) with: the coupling subnets in
+bfloat16 (`medflow train --bf16`: autocast inside the subnets, invertible arithmetic and
+log-determinants in float32); `torch.compile` of every coupling and injector subnet
+(`DualGlow.compile_subnets`, default inductor mode, two warm-up steps). Largest batch: training
+steps on growing batches (doubling from 1, then bisection, at most {MAX_BATCH}), all in one process, until
+the device runs out of memory; then, in a fresh process, 3 steps timed at the largest batch that
+fitted, with their peak memory. "Per volume / fp32 batch 1" below 1: larger batches use the
+device better. 1-minute load average when the
+section started: {load}.
+
+{md_table(TUNING_HEADERS, step_rows(results))}
+
+{md_table(BATCH_HEADERS, batch_rows(results))}
+"""
+
+
 def mean_sd(values: list[float], digits: int) -> str:
     sd = statistics.stdev(values) if len(values) > 1 else 0.0
     return f"{statistics.mean(values):.{digits}f} ± {sd:.{digits}f}"
@@ -688,22 +893,38 @@ that run (re-run {rerun} to refresh). {units}
 """
 
 
+PART_MARK = "<!-- medflow bench: {} -->"
+PART_PATTERN = re.compile(r"^<!-- medflow bench: (\w+) -->\n", re.M)
+
+
+def write_report(path: Path, part: str, text: str) -> None:
+    """Write ``text`` as the ``part`` (``cpu`` or ``cuda``: the device the run measured) of the report
+    at ``path``, keeping the other part: a GPU run does not erase the CPU numbers, nor the reverse."""
+    parts = {}
+    if path.exists():
+        pieces = PART_PATTERN.split(path.read_text())
+        parts = dict(zip(pieces[1::2], pieces[2::2]))
+    parts[part] = text
+    path.write_text("\n\n".join(PART_MARK.format(key) + "\n" + parts[key].strip("\n") for key in sorted(parts)) + "\n")
+
+
 # ----- main -------------------------------------------------------------------------------------
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m medflow.bench", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small sizes only, no quality section (< 3 min)")
     parser.add_argument("--out", type=Path, default=Path("BENCHMARKS.md"), help="report file")
     parser.add_argument("--sections", default="speed,synthesis,quality",
-                        help="comma-separated subset of speed,synthesis,quality")
+                        help="comma-separated subset of speed,synthesis,tuning,quality (tuning: bf16, "
+                             "torch.compile and the largest batch, meant for a GPU)")
     parser.add_argument("--quality-budget", type=float, default=None,
                         help="training seconds per model in the quality section "
                              f"(default: what keeps the whole run within {TOTAL_BUDGET_S / 60:.0f} min)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
-                        help="device of the speed and quality sections (synthesis runs on the CPU and any GPU)")
+                        help="device of every section; the report keeps one part per device (cpu, cuda)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     args.sections = [s.strip() for s in args.sections.split(",") if s.strip()]
-    unknown = set(args.sections) - {"speed", "synthesis", "quality"}
+    unknown = set(args.sections) - {"speed", "synthesis", "tuning", "quality"}
     if unknown:
         parser.error(f"unknown section(s): {', '.join(sorted(unknown))}")
     if args.quick and "quality" in args.sections:
@@ -722,13 +943,26 @@ def speed_section(quick: bool, device: str, timeout_s: float) -> str:
     return speed_markdown(configs, results, device, load)
 
 
-def synthesis_section(quick: bool, timeout_s: float) -> str:
-    """Run the sampling measurements on the CPU and any GPU; returns the markdown section."""
+def synthesis_section(quick: bool, device: str, timeout_s: float) -> str:
+    """Run the sampling measurements on ``device``; returns the markdown section."""
     load = load_text()
-    cases = synthesis_cases(quick, ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+    cases = synthesis_cases(quick, device)
     results = run_cases(cases, timeout_s)
     show("synthesis", SYNTH_HEADERS, synthesis_rows(cases, results))
     return synthesis_markdown(cases, results, load)
+
+
+def tuning_section(quick: bool, device: str, timeout_s: float) -> str:
+    """Run the precision, compilation and batch-size measurements; returns the markdown section."""
+    load = load_text()
+    eager, searches, compiled = tuning_cases(quick, device)
+    eager_results, found = run_cases(eager, timeout_s), run_cases(searches, timeout_s)
+    at_largest = run_cases(at_largest_batch(searches, found), timeout_s)
+    steps = list(zip(eager + compiled, eager_results + run_cases(compiled, timeout_s)))
+    results = TuningResults(steps, list(zip(searches, found)), at_largest)
+    show("precision and torch.compile", TUNING_HEADERS, step_rows(results))
+    show("largest batch", BATCH_HEADERS, batch_rows(results))
+    return tuning_markdown(results, device, load)
 
 
 def quality_section(budget_s: float | None, device: str, elapsed_s: float) -> str:
@@ -747,16 +981,19 @@ def main(argv: list[str] | None = None) -> None:
     device = "cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu"
     torch.set_num_threads(usable_cores())
     command = shlex.join(["python", "-m", "medflow.bench", *(sys.argv[1:] if argv is None else argv)])
-    parts = [header_markdown(command, machine_info(), versions(), started)]
-    timeout = 180.0 if args.quick else 900.0
+    machine = machine_info()
+    title = f"medflow benchmarks on {machine['gpu']}" if device == "cuda" else "medflow benchmarks on CPU"
+    parts = [header_markdown(command, machine, versions(), started, title=title)]
+    timeout = 180.0 if args.quick else 300.0 if device == "cuda" else 900.0
     sections = {"speed": lambda: speed_section(args.quick, device, timeout),
-                "synthesis": lambda: synthesis_section(args.quick, timeout),
+                "synthesis": lambda: synthesis_section(args.quick, device, timeout),
+                "tuning": lambda: tuning_section(args.quick, device, timeout),
                 "quality": lambda: quality_section(args.quality_budget, device, time.monotonic() - clock)}
     for name in args.sections:
         parts.append(sections[name]())
-        args.out.write_text("\n".join(parts))
+        write_report(args.out, device, "\n".join(parts))
     parts.append(f"Total time of this run: {(time.monotonic() - clock) / 60:.1f} min.\n")
-    args.out.write_text("\n".join(parts))
+    write_report(args.out, device, "\n".join(parts))
     console.print(f"wrote {args.out} in {(time.monotonic() - clock) / 60:.1f} min")
 
 

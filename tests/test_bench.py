@@ -4,6 +4,8 @@ import numpy as np
 import pytest
 import torch
 
+from functools import partial
+
 from medflow import bench
 from medflow.model import DualGlow
 from medflow.peer_flow import PeerDualGlow, Squeeze3d, peer_level
@@ -57,6 +59,7 @@ def test_peer_shares_the_injector_and_has_medflow_parameters_but_the_channel_mix
     bench.Case("train", "tiny", SHAPE, recompute=True, timed=1),
     bench.Case("train", "tiny", SHAPE, impl="peer", timed=1),
     bench.Case("sample", "tiny", SHAPE, samples=2, timed=1),
+    bench.Case("train", "tiny", SHAPE, bf16=True, batch=2, timed=1),
 ])
 def test_measure_reports_times_and_memory(case):
     result = bench.measure(case)
@@ -120,7 +123,71 @@ def test_quality_run_end_to_end_on_a_tiny_cohort():
 def test_arguments_and_budget():
     args = bench.parse_args(["--quick"])
     assert args.sections == ["speed", "synthesis"]
+    assert bench.parse_args(["--sections", "tuning"]).sections == ["tuning"]
     with pytest.raises(SystemExit):
         bench.parse_args(["--sections", "speed,nonsense"])
     assert bench.quality_budget(0.0) > bench.quality_budget(600.0) >= bench.MIN_QUALITY_BUDGET_S
     assert bench.quality_budget(10 * bench.TOTAL_BUDGET_S) == bench.MIN_QUALITY_BUDGET_S
+
+
+@pytest.mark.parametrize("limit", [1, 5, 37, 64, 300])
+def test_largest_batch_finds_the_boundary_in_few_tries(limit):
+    tried = []
+
+    def fits(batch):
+        tried.append(batch)
+        return batch <= limit
+
+    assert bench.largest_batch(fits, cap=256) == min(limit, 256)
+    assert len(tried) <= 2 * 8 + 1 and max(tried) <= 256
+    assert bench.largest_batch(lambda b: False, cap=256) == 0
+
+
+def test_batch_search_stops_at_out_of_memory(monkeypatch):
+    """A step that runs out of memory above batch 3 (simulated) ends the search at 3 and names why."""
+    real_step = bench.train_step
+
+    def step(model, optimizer, pet, mri):
+        if pet.shape[0] > 3:
+            raise torch.OutOfMemoryError("simulated")
+        real_step(model, optimizer, pet, mri)
+
+    monkeypatch.setattr(bench, "train_step", step)
+    case = bench.Case("max_batch", "tiny", SHAPE, batch=16)
+    model, _ = bench.initialised_model(case, torch.device("cpu"))
+    failures = []
+    fits = partial(bench.step_fits, model, torch.optim.AdamW(model.parameters()), SHAPE, torch.device("cpu"), failures)
+    assert bench.largest_batch(fits, cap=16) == 3
+    assert failures[-1] == "batch 4: out of memory"
+    assert bench.measure_largest_batch(bench.Case("max_batch", "tiny", SHAPE, batch=2)) == {
+        "max_batch": 2, "limit": "the search's cap 2"}
+
+
+def test_tuning_tables_give_ratios_to_fp32_eager_and_show_failures():
+    eager, searches, compiled = bench.tuning_cases(quick=True, device="cpu")
+    assert [c.variant for c in eager[:2]] == ["plain, fp32", "plain, bf16 subnets"]
+    assert all(c.compiled and c.warmup == 2 for c in compiled) and all(c.task == "max_batch" for c in searches)
+    step = {"median_s": 2.0, "init_s": 1.0, "first_s": 3.0, "above_baseline_mib": 100.0}
+    step_results = [step, {**step, "median_s": 1.0}, {"error": "timed out"}, step]
+    found = [{"max_batch": 4, "limit": "batch 5: out of memory"}, {"error": "batch 1: out of memory"},
+             {"max_batch": 2, "limit": "the search's cap 2"}] + [{"max_batch": 2, "limit": "cap"}] * 3
+    timed = bench.at_largest_batch(searches, found)
+    assert [c.batch for c in timed] == [4, 2, 2, 2, 2] and all(c.task == "train" for c in timed)
+    at_largest = [{**step, "median_s": 4.0}, {"error": "out of cpu memory"}] + [step] * 3
+    results = bench.TuningResults(list(zip(eager + compiled, step_results + [step] * len(compiled))),
+                                  list(zip(searches, found)), at_largest)
+    text = bench.tuning_markdown(results, "cpu", load="0.1")
+    assert "| small | 32x32x32 | plain, bf16 subnets | 1.000 | 4.0 | 100 | 0.50 |" in text
+    assert "| small | 32x32x32 | plain, fp32 | 4 | 4.000 | 1.000 | 0.50 | 100 | batch 5: out of memory |" in text
+    assert "failed: batch 1: out of memory" in text and "failed: out of cpu memory (fresh process)" in text
+    assert "failed: timed out" in text
+
+
+def test_report_keeps_one_part_per_device(tmp_path):
+    report = tmp_path / "BENCHMARKS.md"
+    bench.write_report(report, "cuda", "# on the GPU\nfirst run\n")
+    bench.write_report(report, "cpu", "# on the CPU\n")
+    bench.write_report(report, "cuda", "# on the GPU\nsecond run\n")
+    text = report.read_text()
+    assert text.index("# on the CPU") < text.index("# on the GPU")
+    assert "second run" in text and "first run" not in text and text.count("<!-- medflow bench:") == 2

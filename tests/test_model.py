@@ -99,6 +99,27 @@ def test_bf16_subnets_keep_round_trip_exact():
     assert (model.pet_flow.inverse(zs, enc.features) - pet).abs().max() < 1e-4
 
 
+def test_compiled_subnets_give_the_eager_loss_and_gradients_under_the_same_names():
+    from torch._dynamo.utils import counters
+
+    model, mri, pet = trained_tiny(injector_width=4)
+    perturb(model, scale=0.05)
+    model.zero_grad(set_to_none=True)
+    eager = copy.deepcopy(model)
+    counters.clear()
+    model.compile_subnets()
+    losses = []
+    for m in (eager, model):
+        loss, _ = m.loss(pet, mri)
+        loss.backward()
+        losses.append(loss)
+    assert counters["frames"]["ok"] > 0, "torch.compile traced nothing"
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-6)
+    assert list(model.state_dict()) == list(eager.state_dict())
+    for (name, p), q in zip(model.named_parameters(), eager.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
 def test_log_prob_terms_and_bits_per_voxel():
     model, mri, pet = trained_tiny()
     terms = model.log_prob(pet, mri)
