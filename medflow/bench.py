@@ -913,9 +913,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m medflow.bench", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small sizes only, no quality section (< 3 min)")
     parser.add_argument("--out", type=Path, default=Path("BENCHMARKS.md"), help="report file")
-    parser.add_argument("--sections", default="speed,synthesis,quality",
+    parser.add_argument("--sections", default=None,
                         help="comma-separated subset of speed,synthesis,tuning,quality (tuning: bf16, "
-                             "torch.compile and the largest batch, meant for a GPU)")
+                             "torch.compile and the largest batch). Default: speed,synthesis,quality on "
+                             "CPU, speed,synthesis,tuning on a GPU")
     parser.add_argument("--quality-budget", type=float, default=None,
                         help="training seconds per model in the quality section "
                              f"(default: what keeps the whole run within {TOTAL_BUDGET_S / 60:.0f} min)")
@@ -923,6 +924,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="device of every section; the report keeps one part per device (cpu, cuda)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.sections is None:
+        args.sections = "speed,synthesis,tuning" if args.device == "cuda" else "speed,synthesis,quality"
     args.sections = [s.strip() for s in args.sections.split(",") if s.strip()]
     unknown = set(args.sections) - {"speed", "synthesis", "tuning", "quality"}
     if unknown:
@@ -978,7 +983,7 @@ def main(argv: list[str] | None = None) -> None:
         run_worker(args.worker)
         return
     started, clock = datetime.now(timezone.utc), time.monotonic()
-    device = "cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu"
+    device = args.device
     torch.set_num_threads(usable_cores())
     command = shlex.join(["python", "-m", "medflow.bench", *(sys.argv[1:] if argv is None else argv)])
     machine = machine_info()

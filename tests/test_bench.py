@@ -124,6 +124,8 @@ def test_arguments_and_budget():
     args = bench.parse_args(["--quick"])
     assert args.sections == ["speed", "synthesis"]
     assert bench.parse_args(["--sections", "tuning"]).sections == ["tuning"]
+    assert bench.parse_args(["--device", "cuda"]).sections == ["speed", "synthesis", "tuning"]
+    assert bench.parse_args(["--device", "cpu"]).sections == ["speed", "synthesis", "quality"]
     with pytest.raises(SystemExit):
         bench.parse_args(["--sections", "speed,nonsense"])
     assert bench.quality_budget(0.0) > bench.quality_budget(600.0) >= bench.MIN_QUALITY_BUDGET_S
