@@ -10,6 +10,7 @@ a flipped or transposed axis changes the data.
 from __future__ import annotations
 
 import gzip
+import locale
 import os
 import shutil
 from dataclasses import dataclass
@@ -103,7 +104,17 @@ def nifti_header(shape, dtype, affine=None, *, header_class=nib.Nifti1Header, en
 
 
 def write_dicom_series(folder: Path, raw: np.ndarray, affine: np.ndarray, *, series: int = 1) -> Path:
-    """One MR DICOM file per z slice of int16 (X, Y, Z) `raw`, geometry taken from the RAS `affine`."""
+    """One MR DICOM file per z slice of int16 (X, Y, Z) `raw`, geometry taken from the RAS `affine`.
+    GDCM's writer leaves the process in the C locale (ASCII text I/O, which breaks later
+    imports that read UTF-8 files, e.g. torch.compile's), so the caller's locale is restored."""
+    saved = locale.setlocale(locale.LC_ALL)
+    try:
+        return _write_dicom_slices(folder, raw, affine, series)
+    finally:
+        locale.setlocale(locale.LC_ALL, saved)
+
+
+def _write_dicom_slices(folder: Path, raw: np.ndarray, affine: np.ndarray, series: int) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     zooms = np.linalg.norm(affine[:3, :3], axis=0)
     lps = LPS_TO_RAS @ affine[:3, :3] / zooms
