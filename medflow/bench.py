@@ -8,8 +8,8 @@ autograd vs the memory-saving backward, and the FrEIA-built peer of ``medflow.pe
 on its held-out subjects). ``--quick`` runs small sizes only and skips quality (< 3 min).
 Every section runs on ``--device``; the report keeps one part per device (cpu, cuda).
 
-Every speed and latency number comes from a fresh worker process (``--worker SPEC``,
-printing one JSON line), so peak memories do not mix. Times are in seconds, memories in MiB."""
+Every speed and latency number comes from a fresh worker process (``medflow.measure``), so
+peak memories do not mix. Times are in seconds, memories in MiB."""
 
 from __future__ import annotations
 
@@ -26,7 +26,6 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
-from functools import partial
 from importlib import metadata
 from pathlib import Path
 
@@ -36,28 +35,18 @@ from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeEl
 from rich.table import Table
 
 from medflow.calibration import CALIBRATION_SAMPLES, COVERAGE_Z, coverage, ideal_coverage, prediction_z
+from medflow.measure import MIB, Case, usable_cores, volume_text
 
 TOTAL_BUDGET_S = 1800.0  # the whole default run, seconds
 QUALITY_RESERVE_S = 300.0  # medflow's validation, QC and temperature calibration after training, scoring 8 subjects
 MIN_QUALITY_BUDGET_S = 60.0  # training seconds per model, at least
 GPU_VOLUME = (96, 112, 96)
 MAX_BATCH = 256  # the largest training batch the batch-size search tries
-MIB = 2.0**20
 
 console = Console(width=None if sys.stdout.isatty() else 160)
 
 
-def volume_text(shape) -> str:
-    """(96, 112, 96) -> '96x112x96'."""
-    return "x".join(str(s) for s in shape)
-
-
 # ----- machine and versions ----------------------------------------------------------------
-def usable_cores() -> int:
-    """CPU cores this process may run on."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
 def cpu_model() -> str:
     """The CPU's model name from /proc/cpuinfo (platform's guess elsewhere)."""
     try:
@@ -91,241 +80,9 @@ def versions() -> dict:
             "FrEIA": metadata.version("FrEIA"), "medflow": medflow.__version__}
 
 
-# ----- memory --------------------------------------------------------------------------------
-def _proc_status_kib(key: str) -> int | None:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
-def memory_now_mib(device: torch.device) -> float:
-    """Resident set size (CPU) or memory allocated by torch (CUDA) now, in MiB."""
-    if device.type == "cuda":
-        return torch.cuda.memory_allocated(device) / MIB
-    return (_proc_status_kib("VmRSS") or 0) / 1024
-
-
-def reset_peak_memory(device: torch.device) -> None:
-    """Restart the high-water mark: CUDA peak stats, or the process's VmHWM via /proc/self/clear_refs."""
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        return
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        pass
-
-
-def peak_memory_mib(device: torch.device) -> float:
-    """Peak since ``reset_peak_memory``, in MiB: torch.cuda.max_memory_allocated, or the RSS
-    high-water mark VmHWM (getrusage's ru_maxrss where /proc is missing; it is not reset and, in a
-    spawned process, starts at the parent's RSS)."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / MIB
-    hwm = _proc_status_kib("VmHWM")
-    if hwm is not None:
-        return hwm / 1024
-    import resource
-
-    maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return maxrss / MIB if sys.platform == "darwin" else maxrss / 1024
-
-
-# ----- one measurement, in a worker process --------------------------------------------------
-@dataclass
-class Case:
-    """One measurement. task: ``train`` (one optimiser step), ``sample`` (``DualGlow.sample``) or
-    ``max_batch`` (the largest training batch that fits, up to ``batch``); impl: ``medflow`` or
-    ``peer`` (FrEIA); shape: volume in voxels; overrides: model options; bf16: bfloat16 coupling
-    subnets (``set_subnet_bf16``); compiled: ``DualGlow.compile_subnets``."""
-
-    task: str
-    preset: str
-    shape: tuple[int, int, int]
-    impl: str = "medflow"
-    recompute: bool = False
-    overrides: dict = field(default_factory=dict)
-    samples: int = 1
-    temperature: float = 0.5
-    warmup: int = 1
-    timed: int = 3
-    device: str = "cpu"
-    bf16: bool = False
-    compiled: bool = False
-    batch: int = 1
-
-    @property
-    def variant(self) -> str:
-        """Backward, precision and compilation in words: 'memory-saving, bf16 subnets, compiled'."""
-        words = ["memory-saving" if self.recompute else "plain", "bf16 subnets" if self.bf16 else "fp32"]
-        return ", ".join(words + (["torch.compile"] if self.compiled else []))
-
-    @property
-    def label(self) -> str:
-        what = f"{self.samples} sample(s)" if self.task == "sample" else (
-            "FrEIA peer" if self.impl == "peer" else self.variant)
-        return f"{self.task} {self.preset} {volume_text(self.shape)} {what} on {self.device}"
-
-
-def build_model(case: Case, device: torch.device) -> torch.nn.Module:
-    """The medflow model or its FrEIA peer for ``case``, untrained, on ``device`` (both in the layout
-    ``place_model`` gives them)."""
-    from medflow.device import place_model
-
-    if case.impl == "peer":
-        from medflow.peer_flow import PeerDualGlow
-
-        return place_model(PeerDualGlow.from_preset(case.preset, tuple(case.shape), **case.overrides), device)
-    from medflow.model import DualGlow
-
-    model = DualGlow.from_preset(case.preset, **case.overrides)
-    model.set_recompute(case.recompute)
-    model.set_subnet_bf16(case.bf16)
-    if case.compiled:
-        model.compile_subnets()
-    return place_model(model, device)
-
-
-def example_pair(shape, device: torch.device, batch: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-    """Seeded uniform MRI and PET volumes [batch, 1, *shape] in the model's [-0.5, 0.5] range."""
-    g = torch.Generator().manual_seed(0)
-    mri, pet = (torch.rand((batch, 1, *shape), generator=g) - 0.5 for _ in range(2))
-    return mri.to(device), pet.to(device)
-
-
-def train_step(model, optimizer, pet: torch.Tensor, mri: torch.Tensor) -> None:
-    """Forward, backward and one AdamW step on batch 1."""
-    optimizer.zero_grad(set_to_none=True)
-    loss, _ = model.loss(pet, mri)
-    loss.backward()
-    optimizer.step()
-
-
-def seconds(fn, device: torch.device) -> tuple[float, float]:
-    """Wall-clock and process CPU seconds (all threads) of ``fn()``, synchronising CUDA before and after."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    wall, cpu = time.perf_counter(), time.process_time()
-    fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter() - wall, time.process_time() - cpu
-
-
-def initialised_model(case: Case, device: torch.device) -> tuple[torch.nn.Module, float]:
-    """``build_model`` with ActNorm initialised by one training-mode forward without gradients,
-    and that forward's wall-clock seconds (compilation of the forward included)."""
-    torch.set_num_threads(usable_cores())
-    torch.manual_seed(0)
-    model = build_model(case, device)
-    mri, pet = example_pair(case.shape, device)
-    model.train()
-    with torch.no_grad():
-        init_s, _ = seconds(partial(model.loss, pet, mri), device)
-    return model, init_s
-
-
-def timed_runs(run, case: Case, device: torch.device) -> dict:
-    """Time ``case.timed`` calls of ``run`` after ``case.warmup`` untimed ones (the first call's
-    time, compilation included, is reported too). Memory: baseline now, peak above it."""
-    baseline = memory_now_mib(device)
-    reset_peak_memory(device)
-    times = [seconds(run, device) for _ in range(case.warmup + case.timed)]
-    peak = peak_memory_mib(device)
-    timed = times[case.warmup:]
-    return {"times_s": [wall for wall, _ in timed], "median_s": statistics.median(wall for wall, _ in timed),
-            "first_s": times[0][0], "median_cpu_s": statistics.median(cpu for _, cpu in timed),
-            "baseline_mib": baseline, "peak_mib": peak, "above_baseline_mib": peak - baseline,
-            "threads": torch.get_num_threads()}
-
-
-def trainable_parameters(model: torch.nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
-
-
-def measure(case: Case) -> dict:
-    """Build and initialise the model, then time ``case.timed`` training steps or sampling calls
-    on batch ``case.batch``. Memory: baseline after build and initialisation, peak above it."""
-    device = torch.device(case.device)
-    model, init_s = initialised_model(case, device)
-    mri, pet = example_pair(case.shape, device, case.batch)
-    if case.task == "train":
-        run = partial(train_step, model, torch.optim.AdamW(model.parameters(), lr=1e-4), pet, mri)
-    else:
-        model.eval()
-        run = partial(model.sample, mri, case.temperature, case.samples)
-    return {"params": trainable_parameters(model), "init_s": init_s, **timed_runs(run, case, device)}
-
-
-def largest_batch(fits, cap: int) -> int:
-    """The largest batch b <= cap with ``fits(b)``, for a ``fits`` that is true up to some size and
-    false above it: doubling from 1, then bisection. 0 when batch 1 does not fit."""
-    if not fits(1):
-        return 0
-    good, bad = 1, None
-    while good < cap and bad is None:
-        trial = min(2 * good, cap)
-        if fits(trial):
-            good = trial
-        else:
-            bad = trial
-    while bad is not None and bad - good > 1:
-        middle = (good + bad) // 2
-        if fits(middle):
-            good = middle
-        else:
-            bad = middle
-    return good
-
-
-def step_fits(model, optimizer, shape, device: torch.device, failures: list[str], batch: int) -> bool:
-    """One training step on ``batch`` random volumes runs. A failure (out of memory, or a kernel
-    refusing a tensor that large) is appended to ``failures`` as 'batch N: reason'."""
-    mri, pet = example_pair(shape, device, batch)
-    try:
-        train_step(model, optimizer, pet, mri)
-        return True
-    except RuntimeError as error:
-        reason = "out of memory" if isinstance(error, torch.OutOfMemoryError) else str(error).splitlines()[0][:120]
-        failures.append(f"batch {batch}: {reason}")
-        optimizer.zero_grad(set_to_none=True)
-    finally:
-        del mri, pet
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-    return False
-
-
-def measure_largest_batch(case: Case) -> dict:
-    """The largest training batch up to ``case.batch`` that fits (``largest_batch``, all tries in
-    this one process) and the first failure above it ("limit")."""
-    device = torch.device(case.device)
-    model, _ = initialised_model(case, device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    failures: list[str] = []
-    batch = largest_batch(partial(step_fits, model, optimizer, case.shape, device, failures), case.batch)
-    if batch == 0:
-        return {"error": failures[0]}
-    return {"max_batch": batch, "limit": failures[-1] if failures else f"the search's cap {case.batch}"}
-
-
-def run_worker(spec: str) -> None:
-    """Entry point of ``--worker SPEC``: print the measurement as one JSON line."""
-    case = Case(**json.loads(spec))
-    try:
-        result = measure_largest_batch(case) if case.task == "max_batch" else measure(case)
-    except torch.OutOfMemoryError:
-        result = {"error": f"out of {case.device} memory"}
-    print(json.dumps(result), flush=True)
-
-
 def run_case(case: Case, timeout_s: float) -> dict:
-    """Measure ``case`` in a fresh ``python -m medflow.bench --worker`` process."""
-    command = [sys.executable, "-m", "medflow.bench", "--worker", json.dumps(asdict(case))]
+    """Measure ``case`` in a fresh ``python -m medflow.measure`` process."""
+    command = [sys.executable, "-m", "medflow.measure", json.dumps(asdict(case))]
     try:
         proc = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s)
     except subprocess.TimeoutExpired:
@@ -405,19 +162,18 @@ def synthesis_cases(quick: bool, device: str) -> list[Case]:
     return [Case("sample", "small", shape, samples=n, timed=3 if n > 1 else 5, device=device) for n in (1, 8)]
 
 
-TUNING_VARIANTS = ({}, {"bf16": True})  # precision of the coupling subnets
-BATCH_VARIANTS = ({}, {"bf16": True}, {"recompute": True})
+PRECISIONS = ({}, {"bf16": True})  # fp32 and bf16 coupling subnets
 
 
 def tuning_cases(quick: bool, device: str) -> tuple[list[Case], list[Case], list[Case]]:
     """Per preset of ``speed_configs``: medflow's training step in fp32 and with bf16 subnets; the
-    searches for the largest batch that fits (fp32, bf16, memory-saving); and, slowest to run, the
-    two steps with ``torch.compile`` (two warm-up steps: the first compiles)."""
-    search = {"task": "max_batch", "timed": 3, "batch": 2 if quick else MAX_BATCH}
+    searches for the largest batch that fits in each precision (timed then with 2 steps); and,
+    slowest to run, the fp32 step with ``torch.compile`` (two warm-up steps: the first compiles)."""
+    search = {"task": "max_batch", "timed": 2, "batch": 2 if quick else MAX_BATCH}
     configs = speed_configs(quick, device)
-    eager = [train_case(c, device, **v) for c in configs for v in TUNING_VARIANTS]
-    searches = [train_case(c, device, **search, **v) for c in configs for v in BATCH_VARIANTS]
-    compiled = [train_case(c, device, compiled=True, warmup=2, **v) for c in configs for v in TUNING_VARIANTS]
+    eager = [train_case(c, device, **v) for c in configs for v in PRECISIONS]
+    searches = [train_case(c, device, **search, **v) for c in configs for v in PRECISIONS]
+    compiled = [train_case(c, device, compiled=True, warmup=2) for c in configs]
     return eager, searches, compiled
 
 
@@ -803,9 +559,9 @@ gradients and the first training step, so compilation is included) with: the cou
 bfloat16 (`medflow train --bf16`: autocast inside the subnets, invertible arithmetic and
 log-determinants in float32); `torch.compile` of every coupling and injector subnet
 (`DualGlow.compile_subnets`, default inductor mode, two warm-up steps). Largest batch: training
-steps on growing batches (doubling from 1, then bisection, at most {MAX_BATCH}), all in one process, until
-the device runs out of memory; then, in a fresh process, 3 steps timed at the largest batch that
-fitted, with their peak memory. "Per volume / fp32 batch 1" below 1: larger batches use the
+steps on growing batches (doubling from 1, then bisection to within an eighth, at most {MAX_BATCH}),
+all in one process, until the device runs out of memory; then, in a fresh process, 2 steps timed
+at the largest batch that fitted, with their peak memory. "Per volume / fp32 batch 1" below 1: larger batches use the
 device better. 1-minute load average when the
 section started: {load}.
 
@@ -922,7 +678,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              f"(default: what keeps the whole run within {TOTAL_BUDGET_S / 60:.0f} min)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                         help="device of every section; the report keeps one part per device (cpu, cuda)")
-    parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -979,9 +734,6 @@ def quality_section(budget_s: float | None, device: str, elapsed_s: float) -> st
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    if args.worker:
-        run_worker(args.worker)
-        return
     started, clock = datetime.now(timezone.utc), time.monotonic()
     device = args.device
     torch.set_num_threads(usable_cores())

@@ -23,7 +23,8 @@ import numpy as np
 import torch
 from rich.console import Console
 
-from medflow.bench import header_markdown, machine_info, md_table, show, training_progress, usable_cores, versions
+from medflow.bench import header_markdown, machine_info, md_table, show, training_progress, versions
+from medflow.measure import usable_cores
 
 console = Console()
 
