@@ -120,6 +120,43 @@ def test_compiled_subnets_give_the_eager_loss_and_gradients_under_the_same_names
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
+@pytest.mark.parametrize("overrides, recompute", [({}, False), ({}, True), ({"side_channels": 2}, False)])
+def test_training_step_never_waits_for_the_device(overrides, recompute):
+    """No tensor is read back to Python (aten._local_scalar_dense, what .item() and bool() run) in
+    a training forward and backward once ActNorm is initialised: on a GPU each read would stall
+    the host until the device has finished all queued work."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class ScalarReads(TorchDispatchMode):
+        count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten._local_scalar_dense.default:
+                ScalarReads.count += 1
+            return func(*args, **(kwargs or {}))
+
+    model = DualGlow.from_preset("tiny", **overrides).train()
+    model.set_recompute(recompute)
+    mri, pet = paired_batch(2)
+    side = torch.zeros(2, 2) if overrides else None
+    with torch.no_grad():
+        model.loss(pet, mri, side)
+    with ScalarReads():
+        loss, _ = model.loss(pet, mri, side)
+        loss.backward()
+    assert ScalarReads.count == 0
+
+
+def test_loaded_actnorm_does_not_reinitialise():
+    model, mri, pet = trained_tiny(steps=1)
+    fresh = DualGlow.from_preset("tiny")
+    fresh.load_state_dict(model.state_dict())
+    fresh.train()
+    fresh.loss(pet[:1] + 1.0, mri[:1])
+    for a, b in zip(fresh.state_dict().values(), model.state_dict().values()):
+        torch.testing.assert_close(a, b)
+
+
 def test_log_prob_terms_and_bits_per_voxel():
     model, mri, pet = trained_tiny()
     terms = model.log_prob(pet, mri)

@@ -13,9 +13,10 @@ class ActNorm(InvertibleModule):
 
     On the first forward pass in training mode the bias and scale are set so that the
     batch has zero mean and unit variance per channel. The ``initialized`` buffer is part
-    of the state dict, so a loaded model never re-initialises. Channels with (near) zero
-    variance, such as an all-background channel, are guarded by ``min_std`` instead of
-    producing an infinite scale.
+    of the state dict, so a loaded model never re-initialises; the forward pass reads its
+    Python mirror ``needs_initialization`` instead, because reading a GPU buffer would make
+    the host wait for the device at every step. Channels with (near) zero variance, such as
+    an all-background channel, are guarded by ``min_std`` instead of producing an infinite scale.
     """
 
     def __init__(self, channels: int, min_std: float = 1e-2):
@@ -23,7 +24,9 @@ class ActNorm(InvertibleModule):
         self.bias = nn.Parameter(torch.zeros(1, channels, 1, 1, 1))
         self.log_scale = nn.Parameter(torch.zeros(1, channels, 1, 1, 1))
         self.register_buffer("initialized", torch.tensor(False))
+        self.needs_initialization = True
         self.min_std = min_std
+        self.register_load_state_dict_post_hook(_mirror_loaded_flag)
 
     @torch.no_grad()
     def initialize(self, x: torch.Tensor) -> None:
@@ -34,9 +37,10 @@ class ActNorm(InvertibleModule):
         self.bias.copy_(-mean)
         self.log_scale.copy_(-torch.log(std))
         self.initialized.fill_(True)
+        self.needs_initialization = False
 
     def forward(self, x, cond=None):
-        if self.training and not bool(self.initialized):
+        if self.training and self.needs_initialization:
             self.initialize(x)
         y = (x + self.bias) * torch.exp(self.log_scale)
         logdet = self.log_scale.sum() * spatial_size(x)
@@ -44,3 +48,8 @@ class ActNorm(InvertibleModule):
 
     def inverse(self, y, cond=None):
         return y * torch.exp(-self.log_scale) - self.bias
+
+
+def _mirror_loaded_flag(module: ActNorm, incompatible_keys) -> None:
+    """After ``load_state_dict``: the Python flag follows the loaded ``initialized`` buffer."""
+    module.needs_initialization = not bool(module.initialized)

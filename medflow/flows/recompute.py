@@ -67,6 +67,6 @@ def chain_forward(steps: nn.ModuleList, x: torch.Tensor, cond: torch.Tensor | No
         return run_chain(steps, x, cond)
     for step in steps:
         for module in step.modules():
-            if hasattr(module, "initialized") and not bool(module.initialized):
+            if getattr(module, "needs_initialization", False):
                 return run_chain(steps, x, cond)
     return _RecomputeChain.apply(steps, cond, x, *steps.parameters())
