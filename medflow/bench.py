@@ -561,9 +561,8 @@ log-determinants in float32); `torch.compile` of every coupling and injector sub
 (`DualGlow.compile_subnets`, default inductor mode, two warm-up steps). Largest batch: training
 steps on growing batches (doubling from 1, then bisection to within an eighth, at most {MAX_BATCH}),
 all in one process, until the device runs out of memory; then, in a fresh process, 2 steps timed
-at the largest batch that fitted, with their peak memory. "Per volume / fp32 batch 1" below 1: larger batches use the
-device better. 1-minute load average when the
-section started: {load}.
+at the largest batch that fitted, with their peak memory. "Per volume / fp32 batch 1" below 1:
+larger batches use the device better. 1-minute load average when the section started: {load}.
 
 {md_table(TUNING_HEADERS, step_rows(results))}
 
