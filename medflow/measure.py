@@ -82,7 +82,8 @@ class Case:
     """One measurement. task: ``train`` (one optimiser step), ``sample`` (``DualGlow.sample``) or
     ``max_batch`` (the largest training batch that fits, up to ``batch``); impl: ``medflow`` or
     ``peer`` (FrEIA); shape: volume in voxels; overrides: model options; bf16: bfloat16 coupling
-    subnets (``set_subnet_bf16``); compiled: ``DualGlow.compile_subnets``."""
+    subnets (``set_subnet_bf16``); compiled: ``DualGlow.compile_subnets``; batch: volumes per
+    training step or MRIs per sampling call (``max_batch``: the largest batch tried)."""
 
     task: str
     preset: str
@@ -101,7 +102,7 @@ class Case:
 
     @property
     def variant(self) -> str:
-        """Backward, precision and compilation in words: 'memory-saving, bf16 subnets, compiled'."""
+        """Backward, precision and compilation in words: 'plain, bf16 subnets, torch.compile'."""
         words = ["memory-saving" if self.recompute else "plain", "bf16 subnets" if self.bf16 else "fp32"]
         return ", ".join(words + (["torch.compile"] if self.compiled else []))
 
