@@ -715,10 +715,12 @@ def tuning_section(quick: bool, device: str, timeout_s: float) -> str:
     """Run the precision, compilation and batch-size measurements; returns the markdown section."""
     load = load_text()
     eager, searches, compiled = tuning_cases(quick, device)
-    eager_results, found = run_cases(eager, timeout_s), run_cases(searches, timeout_s)
+    eager_results = run_cases(eager, timeout_s)
+    found = run_cases(searches, timeout_s)
     at_largest = run_cases(at_largest_batch(searches, found), timeout_s)
-    steps = list(zip(eager + compiled, eager_results + run_cases(compiled, timeout_s)))
-    results = TuningResults(steps, list(zip(searches, found)), at_largest)
+    compiled_results = run_cases(compiled, timeout_s)  # last: compiling is the slowest part
+    results = TuningResults(list(zip(eager + compiled, eager_results + compiled_results)),
+                            list(zip(searches, found)), at_largest)
     show("precision and torch.compile", TUNING_HEADERS, step_rows(results))
     show("largest batch", BATCH_HEADERS, batch_rows(results))
     return tuning_markdown(results, device, load)
