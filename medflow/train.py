@@ -25,7 +25,7 @@ from medflow import __version__
 from medflow.calibration import calibrate_temperature
 from medflow.checkpoint import latest_valid_step, read_config, save_state, save_step, write_config
 from medflow.device import Distributed, check_fits, init_distributed, place_model, resolve_device
-from medflow.errors import InputError, OutputError, TrainingError
+from medflow.errors import InputError, ModelError, OutputError, TrainingError
 from medflow.manifest import Subject, read_manifest
 from medflow.metrics import compute_metrics
 from medflow.model import DualGlow, DualGlowConfig
@@ -353,8 +353,11 @@ class Trainer:
             self.report("no intact checkpoint found; starting from step 0")
             return
         path, state = found
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        try:
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+        except (KeyError, RuntimeError, ValueError) as exc:
+            raise ModelError(f"{path}: cannot resume from it ({str(exc).splitlines()[0][:160]})") from None
         self.scheduler.load_state_dict(state["scheduler"])
         if self.ema and state.get("ema"):
             self.ema.load_state_dict(state["ema"])

@@ -116,6 +116,33 @@ def test_invconv_caches_inverse_in_eval_and_refreshes_after_update():
     assert not torch.equal(conv.inverse_weight(), first)
 
 
+def test_invconv_applies_factors_when_fewer_voxels_than_channels():
+    torch.manual_seed(0)
+    conv = perturb(InvConv1x1x1(8).double())
+    x = torch.randn(1, 8, 1, 1, 2, dtype=torch.float64)
+    y, logdet = conv(x)
+    expected = torch.einsum("oc,bcdhw->bodhw", conv.weight(), x)
+    assert torch.allclose(y, expected, atol=1e-12)
+    jac = jacobian(lambda flat: conv(flat.view(x.shape))[0].flatten(), x.flatten())
+    assert torch.allclose(logdet, torch.linalg.slogdet(jac)[1], atol=1e-9)
+    assert torch.allclose(conv.inverse(y), x, atol=1e-12)
+
+
+def test_invconv_loads_checkpoints_with_separate_lower_and_upper_factors():
+    torch.manual_seed(0)
+    conv = perturb(InvConv1x1x1(5))
+    lower = torch.tril(conv.lu.detach(), -1) + torch.eye(5) + torch.triu(torch.ones(5, 5), 1)
+    upper = torch.triu(conv.lu.detach(), 1) + torch.tril(torch.ones(5, 5))
+    old = {"perm": torch.eye(5)[conv.perm], "sign_s": conv.sign_s, "lower_mask": torch.tril(torch.ones(5, 5), -1),
+           "lower": lower, "upper": upper, "log_s": conv.log_s.detach()}
+    old_weight = old["perm"] @ (lower * old["lower_mask"] + torch.eye(5)) @ (
+        upper * old["lower_mask"].T + torch.diag(conv.sign_s * conv.log_s.detach().exp()))
+    loaded = InvConv1x1x1(5)
+    loaded.load_state_dict(old)
+    assert torch.allclose(loaded.weight(), old_weight, atol=1e-6)
+    assert torch.allclose(loaded.weight(), conv.weight(), atol=1e-6)
+
+
 def test_haar_is_orthonormal_and_splits_mean_from_detail():
     x = torch.ones(1, 1, 4, 4, 4)
     y, _ = HaarDownsample3d()(x)

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from medflow import DualGlow
+from medflow.flows import AffineCoupling
 from medflow.flows.glow import Encoding
 from medflow.model import DualGlowConfig
 from medflow.presets import available_presets, load_preset
@@ -89,14 +90,26 @@ def test_injector_round_trip_and_log_prob(width):
     assert torch.allclose(draws[0], model.injector.inverse(flow_mode, cond))
 
 
-def test_bf16_subnets_keep_round_trip_exact():
+def test_bf16_coupling_inverts_exactly():
+    torch.manual_seed(0)
+    coupling = perturb(AffineCoupling(4, 8, 3))
+    coupling.subnet_bf16 = True
+    x, cond = torch.randn(2, 4, 4, 4, 4), torch.randn(2, 3, 4, 4, 4)
+    y, ld = coupling(x, cond)
+    assert ld.dtype == torch.float32
+    assert (coupling.inverse(y, cond) - x).abs().max() < 1e-6
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_bf16_subnets_round_trip_within_a_fraction_of_an_intensity_bin(seed):
     model, mri, pet = trained_tiny()
-    perturb(model, scale=0.05)
+    perturb(model, scale=0.05, seed=seed)
     model.set_subnet_bf16(True)
     enc = model.mri_flow.encode(mri)
     zs, ld = model.pet_flow(pet, enc.features)
     assert torch.isfinite(ld).all() and ld.dtype == torch.float32
-    assert (model.pet_flow.inverse(zs, enc.features) - pet).abs().max() < 1e-4
+    error = (model.pet_flow.inverse(zs, enc.features) - pet).abs()
+    assert error.max() < 0.5 / model.config.n_bins and error.mean() < 1e-4
 
 
 def test_compiled_subnets_give_the_eager_loss_and_gradients_under_the_same_names():
