@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from medflow.condition import rms_normalize
+from medflow.flows.conv import Conv3d
 
 BOUND = 3.0  # largest absolute prediction: standardised numbers and one-hot categories lie well inside
 
@@ -41,7 +42,7 @@ class SideDiscriminator(nn.Module):
 
     def __init__(self, channels: int, side_channels: int, hidden: int = 16):
         super().__init__()
-        self.net = nn.Sequential(nn.Conv3d(channels, hidden, 3, padding=1), nn.LeakyReLU(0.1),
+        self.net = nn.Sequential(Conv3d(channels, hidden, 3, padding=1), nn.LeakyReLU(0.1),
                                  nn.AdaptiveAvgPool3d(1), nn.Flatten(), nn.Linear(hidden, side_channels))
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:

@@ -11,10 +11,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from medflow.flows.conv import Conv3d
+
 
 def _block(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
-    return nn.Sequential(nn.Conv3d(cin, cout, 3, stride=stride, padding=1), nn.LeakyReLU(0.1, inplace=True),
-                         nn.Conv3d(cout, cout, 3, padding=1), nn.LeakyReLU(0.1, inplace=True))
+    return nn.Sequential(Conv3d(cin, cout, 3, stride=stride, padding=1), nn.LeakyReLU(0.1, inplace=True),
+                         Conv3d(cout, cout, 3, padding=1), nn.LeakyReLU(0.1, inplace=True))
 
 
 def rms_normalize(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:

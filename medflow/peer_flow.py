@@ -65,7 +65,7 @@ def peer_level(channels: int, spatial: tuple[int, int, int], steps: int, hidden:
     cond = {"cond": 0, "cond_shape": (cond_channels, *inner)} if cond_channels else {}
     for _ in range(steps):
         level.append(Fm.ActNorm)
-        level.append(Fm.AllInOneBlock, subnet_constructor=lambda c_in, c_out: coupling_subnet(c_in, hidden, c_out),
+        level.append(Fm.AllInOneBlock, subnet_constructor=lambda c_in, c_out: coupling_subnet(c_in, hidden, c_out, nn.Conv3d),
                      affine_clamping=clamp, permute_soft=False, **cond)
     return level
 

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from medflow.flows.base import InvertibleModule
+from medflow.flows.conv import Conv3d
 
 
 def soft_clamp(s: torch.Tensor, clamp: float) -> torch.Tensor:
@@ -15,15 +16,16 @@ def soft_clamp(s: torch.Tensor, clamp: float) -> torch.Tensor:
     return (2.0 * clamp / math.pi) * torch.atan(s / clamp)
 
 
-def coupling_subnet(in_channels: int, hidden: int, out_channels: int) -> nn.Sequential:
-    """3x3x3 -> 1x1x1 -> 3x3x3 conv net; the last layer starts at zero (identity step)."""
-    last = nn.Conv3d(hidden, out_channels, 3, padding=1)
+def coupling_subnet(in_channels: int, hidden: int, out_channels: int, conv=Conv3d) -> nn.Sequential:
+    """3x3x3 -> 1x1x1 -> 3x3x3 conv net of ``conv`` layers (medflow's ``Conv3d``, or e.g.
+    ``torch.nn.Conv3d``); the last layer starts at zero (identity step)."""
+    last = conv(hidden, out_channels, 3, padding=1)
     nn.init.zeros_(last.weight)
     nn.init.zeros_(last.bias)
     return nn.Sequential(
-        nn.Conv3d(in_channels, hidden, 3, padding=1),
+        conv(in_channels, hidden, 3, padding=1),
         nn.ReLU(inplace=True),
-        nn.Conv3d(hidden, hidden, 1),
+        conv(hidden, hidden, 1),
         nn.ReLU(inplace=True),
         last,
     )

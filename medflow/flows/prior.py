@@ -7,6 +7,7 @@ import math
 import torch
 from torch import nn
 
+from medflow.flows.conv import Conv3d
 from medflow.flows.coupling import soft_clamp
 
 LOG_2PI = math.log(2.0 * math.pi)
@@ -29,10 +30,10 @@ class GaussianPrior(nn.Module):
         self.max_log_scale = max_log_scale
         self.net = None
         if cond_channels > 0:
-            out = nn.Conv3d(hidden, channels * (2 if learn_scale else 1), 3, padding=1)
+            out = Conv3d(hidden, channels * (2 if learn_scale else 1), 3, padding=1)
             nn.init.zeros_(out.weight)
             nn.init.zeros_(out.bias)
-            self.net = nn.Sequential(nn.Conv3d(cond_channels, hidden, 3, padding=1), nn.ReLU(inplace=True), out)
+            self.net = nn.Sequential(Conv3d(cond_channels, hidden, 3, padding=1), nn.ReLU(inplace=True), out)
 
     def params(self, cond: torch.Tensor | None, shape: torch.Size, device: torch.device):
         """Mean and log-sigma, each of ``shape`` [B, C, D, H, W], on ``device``."""

@@ -1,0 +1,76 @@
+"""3D convolution that keeps batch-1 CPU training on oneDNN (forward and backward).
+
+PyTorch sends a CPU float32 convolution with batch 1 to its im2col path whenever
+channels x depth x height (the width is not counted) is at most 20480, a rule written for
+2D images: a [1, 4, 48, 56, 48] input qualifies. For such 3D inputs that path is several
+times slower than oneDNN in both directions (and, with channels-last weights, copies the
+weight to the contiguous layout on each call). ``Conv3d`` runs those convolutions on oneDNN
+instead: the forward pass and the input gradient as oneDNN convolutions, and the weight
+gradient as a oneDNN convolution of the input with the output gradient (batch and channel
+axes swapped). It does so only where the input has at least as many voxels as the weight
+has values per input channel: at a flow's top levels (a few voxels, large weights) the
+weight-side work of this route costs more than im2col. Values equal ``torch.nn.Conv3d``'s up
+to float rounding; every other case (other devices, dtypes, autocast, batches > 1, inputs
+PyTorch already sends to oneDNN, convolutions that are not stride-1 "same" convolutions)
+runs ``torch.nn.Conv3d`` unchanged.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+CHANNELS_LAST = torch.channels_last_3d
+IM2COL_MAX = 20480  # PyTorch's bound on channels x depth x height for its im2col path at batch 1
+
+
+def _onednn(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, padding) -> torch.Tensor:
+    return torch.ops.aten.mkldnn_convolution(x, weight, bias, list(padding), [1, 1, 1], [1, 1, 1], 1)
+
+
+class _OneDnnSameConv3d(torch.autograd.Function):
+    """y = conv3d(x, weight, bias), stride 1, padding (k - 1) / 2, for x [1, C, D, H, W]."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, padding):
+        ctx.save_for_backward(x, weight)
+        ctx.padding = padding
+        ctx.has_bias = bias is not None
+        return _onednn(x, weight, bias, padding)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        padding = ctx.padding
+        grad_x = grad_weight = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            flipped = weight.flip(2, 3, 4).transpose(0, 1).contiguous(memory_format=CHANNELS_LAST)
+            grad_x = _onednn(grad, flipped, None, padding)
+        if ctx.needs_input_grad[1]:
+            grad_weight = _onednn(x.transpose(0, 1), grad.transpose(0, 1), None, padding).transpose(0, 1)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_bias = grad.sum(dim=(0, 2, 3, 4))
+        return grad_x, grad_weight, grad_bias, None
+
+
+class Conv3d(nn.Conv3d):
+    """``torch.nn.Conv3d`` whose batch-1 CPU float32 "same" convolutions that PyTorch would run
+    with im2col run on oneDNN."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.same_size = (self.groups == 1 and self.padding_mode == "zeros" and self.stride == (1, 1, 1)
+                          and self.dilation == (1, 1, 1)
+                          and all(k % 2 == 1 and p == k // 2 for k, p in zip(self.kernel_size, self.padding)))
+
+    def _runs_on_onednn(self, x: torch.Tensor) -> bool:
+        return (self.same_size and x.device.type == "cpu" and x.shape[0] == 1 and x.dtype == torch.float32
+                and x.shape[1] * x.shape[2] * x.shape[3] <= IM2COL_MAX
+                and x.shape[2] * x.shape[3] * x.shape[4] >= self.weight[:, 0].numel()
+                and self.weight.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
+                and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._runs_on_onednn(x):
+            return _OneDnnSameConv3d.apply(x, self.weight, self.bias, self.padding)
+        return super().forward(x)

@@ -1,0 +1,56 @@
+"""medflow's oneDNN 3D convolution against torch.nn.Conv3d: values, gradients, and when it applies."""
+
+import pytest
+import torch
+from torch import nn
+
+from medflow.flows.conv import Conv3d
+
+CL = torch.channels_last_3d
+
+
+def pair(cin, cout, k, bias, channels_last):
+    torch.manual_seed(0)
+    ours, ref = Conv3d(cin, cout, k, padding=k // 2, bias=bias), nn.Conv3d(cin, cout, k, padding=k // 2, bias=bias)
+    ref.load_state_dict(ours.state_dict())
+    return (ours.to(memory_format=CL), ref) if channels_last else (ours, ref)
+
+
+@pytest.mark.parametrize("k,shape,bias,channels_last,input_grad", [
+    (3, (1, 4, 6, 5, 7), True, True, True),
+    (3, (1, 3, 7, 6, 6), True, False, False),
+    (1, (1, 8, 4, 3, 5), False, True, True),
+])
+def test_onednn_conv_matches_torch_conv_and_its_gradients(k, shape, bias, channels_last, input_grad):
+    ours, ref = pair(shape[1], 6, k, bias, channels_last)
+    x = torch.randn(shape)
+    x_ours = (x.to(memory_format=CL) if channels_last else x.clone()).requires_grad_(input_grad)
+    x_ref = x.clone().requires_grad_(input_grad)
+    y, y_ref = ours(x_ours), ref(x_ref)
+    assert type(y.grad_fn).__name__.startswith("_OneDnnSameConv3d")
+    grad = torch.randn_like(y_ref)
+    y.backward(grad)
+    y_ref.backward(grad)
+    assert torch.allclose(y, y_ref, atol=1e-5)
+    assert torch.allclose(ours.weight.grad, ref.weight.grad, rtol=1e-4, atol=1e-4)
+    if bias:
+        assert torch.allclose(ours.bias.grad, ref.bias.grad, rtol=1e-4, atol=1e-4)
+    assert (x_ours.grad is None) == (not input_grad)
+    if input_grad:
+        assert torch.allclose(x_ours.grad, x_ref.grad, atol=1e-4)
+
+
+def test_other_convolutions_use_torch_conv():
+    same = Conv3d(2, 3, 3, padding=1)
+    assert not same._runs_on_onednn(torch.randn(2, 2, 4, 4, 4))
+    assert not same._runs_on_onednn(torch.randn(1, 2, 128, 96, 4))
+    assert not same._runs_on_onednn(torch.randn(1, 2, 4, 4, 4, dtype=torch.float64))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not same._runs_on_onednn(torch.randn(1, 2, 4, 4, 4))
+    for conv in (Conv3d(2, 3, 3, stride=2, padding=1), Conv3d(2, 3, 3, padding=0), Conv3d(2, 3, 2, padding=1)):
+        assert not conv._runs_on_onednn(torch.randn(1, 2, 4, 4, 4))
+    assert same._runs_on_onednn(torch.randn(1, 2, 6, 6, 6))
+
+
+def test_few_voxels_and_a_large_weight_stay_on_torch_conv():
+    assert not Conv3d(64, 512, 3, padding=1)._runs_on_onednn(torch.randn(1, 64, 2, 2, 2))
