@@ -132,7 +132,7 @@ class SpeedConfig:
 
 
 def speed_configs(quick: bool, device: str) -> list[SpeedConfig]:
-    """GPU: both presets on the 2 mm brain volume. CPU: ``small`` there, ``dualglow3d`` (510 M
+    """GPU: both presets on the 2 mm brain volume. CPU: ``small`` there, ``dualglow3d`` (501 M
     parameters) on 32^3 voxels. Quick: 32^3 for ``small``, 16^3 and 2 steps per level for ``dualglow3d``."""
     if quick:
         return [SpeedConfig("small", (32, 32, 32), why="--quick"),
@@ -398,14 +398,20 @@ def ratio_rows(configs: list[SpeedConfig], results: list[list[dict]]) -> list[li
 
 PEER_DIFFERENCES = """\
 What differs between medflow and the FrEIA peer (`medflow/peer_flow.py`). Shared code: the
-coupling subnets (`coupling_subnet`: 3x3x3 -> 1x1x1 -> 3x3x3 convolutions of the same widths,
-last layer zero), the Gaussian priors (`GaussianPrior`, conditioned on the kept half and on the
-MRI latent of the same level), the levels and splits, the MRI-feature conditioning of the PET
-couplings and the affine injector on the PET input (`ConditionalAffine`; each where the preset
-has it) and the loss. Different:
+shape of the coupling subnets (`coupling_subnet`: 3x3x3 -> 1x1x1 -> 3x3x3 convolutions of the
+same widths, last layer zero), the Gaussian priors (`GaussianPrior`, conditioned on the kept
+half and on the MRI latent of the same level), the levels and splits, the MRI-feature
+conditioning of the PET couplings and the affine injector on the PET input
+(`ConditionalAffine`; each where the preset has it) and the loss. Different:
+
+- Convolutions in the coupling subnets. medflow: `medflow.flows.conv.Conv3d`, which runs the
+  batch-1 CPU convolutions PyTorch would send to its im2col path on oneDNN (forward and
+  backward). Peer: plain `torch.nn.Conv3d`, as a FrEIA user writes them. The priors and the
+  injector are medflow's modules in both, so they use medflow's convolution in both. On a GPU,
+  and for batches above 1, the two convolutions are the same code.
 
 - Flow step. medflow: ActNorm -> invertible 1x1x1 convolution with a learned LU-parametrised
-  matrix -> affine coupling. Peer: `Fm.ActNorm` -> `Fm.AllInOneBlock`, i.e. affine coupling ->
+  matrix (applied factor by factor where a batch has fewer voxels than channels) -> affine coupling. Peer: `Fm.ActNorm` -> `Fm.AllInOneBlock`, i.e. affine coupling ->
   learned per-channel affine (softplus-parametrised) -> fixed random channel permutation,
   applied as a 1x1x1 convolution with a permutation matrix. Both evaluate one subnet and one
   dense CxC channel mix per step; the peer's mix is not learned, hence its fewer trainable
