@@ -139,8 +139,8 @@ def speed_configs(quick: bool, device: str) -> list[SpeedConfig]:
                 SpeedConfig("dualglow3d", (16, 16, 16), {"steps": [2, 2, 2, 2]}, why="--quick")]
     if device == "cuda":
         return [SpeedConfig("small", GPU_VOLUME, timed=10), SpeedConfig("dualglow3d", GPU_VOLUME, timed=5)]
-    return [SpeedConfig("small", GPU_VOLUME, timed=5),
-            SpeedConfig("dualglow3d", (32, 32, 32), timed=3,
+    return [SpeedConfig("small", GPU_VOLUME, timed=3),
+            SpeedConfig("dualglow3d", (32, 32, 32), timed=2,
                         why="the 2 mm volume is too slow for a CPU benchmark with width-512 subnets at every level")]
 
 
@@ -154,6 +154,35 @@ def speed_cases(config: SpeedConfig, device: str) -> list[Case]:
     """medflow with plain autograd, medflow with the memory-saving backward, the FrEIA peer."""
     return [train_case(config, device), train_case(config, device, recompute=True),
             train_case(config, device, impl="peer")]
+
+
+def speed_rounds(device: str) -> int:
+    """How often each speed case runs: twice on a CPU, whose speed drifts with other load and
+    memory reclaim (the medflow/peer ratio of one run moved by 0.1-0.2 between runs), once on a GPU."""
+    return 2 if device == "cpu" else 1
+
+
+def merge_rounds(rounds: list[dict]) -> dict:
+    """One result from repeated runs of a case: step time the median of all their timed steps,
+    CPU time and memories the median over the runs; the first failure if any run failed."""
+    failed = [r for r in rounds if "error" in r]
+    if failed:
+        return failed[0]
+    times = [t for r in rounds for t in r["times_s"]]
+    medians = {key: statistics.median(r[key] for r in rounds)
+               for key in ("median_cpu_s", "baseline_mib", "peak_mib", "above_baseline_mib")}
+    return {**rounds[0], **medians, "times_s": times, "median_s": statistics.median(times)}
+
+
+def run_rounds(cases: list[Case], rounds: int, timeout_s: float) -> list[dict]:
+    """``run_cases`` ``rounds`` times, every other round in reverse order, so that a drift in the
+    machine's speed falls on all implementations alike; ``merge_rounds`` per case."""
+    runs = []
+    for i in range(rounds):
+        order = cases if i % 2 == 0 else cases[::-1]
+        results = run_cases(order, timeout_s)
+        runs.append(results if i % 2 == 0 else results[::-1])
+    return [merge_rounds(list(per_case)) for per_case in zip(*runs)]
 
 
 def synthesis_cases(quick: bool, device: str) -> list[Case]:
@@ -449,9 +478,12 @@ def speed_markdown(configs: list[SpeedConfig], results: list[list[dict]], device
     return f"""## 1. Training speed and memory ({device})
 
 One training step = forward, backward and one AdamW step on batch 1 (random volumes), after
-ActNorm was initialised by one training-mode forward without gradients. Step time = median
-over timed steps ({timed}) after one untimed warm-up step, {usable_cores()} torch threads; CPU use
-= process CPU time / (step time x threads). Every row is a fresh process. {memory_method(device)}
+ActNorm was initialised by one training-mode forward without gradients. Every case ran
+{speed_rounds(device)} time(s), each in a fresh process; on a CPU all cases in one order and then in the
+reverse order, so that a drift in the machine's speed falls on every implementation alike.
+Step time = median over the timed steps of all runs ({timed} per run, each after one untimed
+warm-up step), {usable_cores()} torch threads; CPU use = process CPU time / (step time x
+threads); memories: median over the runs. {memory_method(device)}
 The peak above baseline covers gradients, AdamW moments (last column: 12 bytes per parameter)
 and activations. 1-minute load average when the section started: {load}.
 
@@ -701,7 +733,8 @@ def speed_section(quick: bool, device: str, timeout_s: float) -> str:
     """Run the training-step measurements; returns the markdown section."""
     load = load_text()
     configs = speed_configs(quick, device)
-    flat = run_cases([case for config in configs for case in speed_cases(config, device)], timeout_s)
+    flat = run_rounds([case for config in configs for case in speed_cases(config, device)], speed_rounds(device),
+                      timeout_s)
     results = [flat[i:i + len(SPEED_NAMES)] for i in range(0, len(flat), len(SPEED_NAMES))]
     show("training step", SPEED_HEADERS, speed_rows(configs, results))
     show("ratios", RATIO_HEADERS, ratio_rows(configs, results))

@@ -73,6 +73,23 @@ def test_speed_markdown_lists_runs_ratios_and_failures():
     assert "failed: timed out" in text and "--quick" in text
 
 
+def test_rounds_alternate_order_and_merge_per_case(monkeypatch):
+    seen = []
+
+    def fake_run_cases(cases, timeout_s):
+        seen.append([c.preset for c in cases])
+        return [{"params": 1, "times_s": [len(seen) + i], "median_cpu_s": 1.0, "baseline_mib": 10.0,
+                 "peak_mib": 20.0 * len(seen), "above_baseline_mib": 10.0 * len(seen)} for i, _ in enumerate(cases)]
+
+    monkeypatch.setattr(bench, "run_cases", fake_run_cases)
+    cases = [measure.Case("train", name, SHAPE) for name in ("a", "b", "c")]
+    merged = bench.run_rounds(cases, 2, timeout_s=1)
+    assert seen == [["a", "b", "c"], ["c", "b", "a"]]
+    assert [m["times_s"] for m in merged] == [[1, 4], [2, 3], [3, 2]]
+    assert merged[0]["median_s"] == 2.5 and merged[0]["above_baseline_mib"] == 15.0
+    assert bench.merge_rounds([merged[0], {"error": "out of memory"}]) == {"error": "out of memory"}
+
+
 def test_quality_markdown_and_level_matching():
     metrics = {"psnr": 20.0, "ssim": 0.8, "nmse": 0.05, "mae": 0.1}
     result = {"scores": {"U-Net": [metrics, metrics]}, "coverage": {("true PET", 0.5, 1.645): [0.8, 0.9]},
