@@ -16,8 +16,9 @@ import torch
 from rich.progress import Progress
 
 import medflow.train
-from medflow.checkpoint import load_state, step_checkpoints
+from medflow.checkpoint import load_state, read_config, save_state, step_checkpoints
 from medflow.errors import ModelError, TrainingError
+from medflow.model import DualGlow, DualGlowConfig
 from medflow.train import Trainer, TrainOptions, lr_factor
 from medflow.trained import load_trained
 from tests.paired_data import write_paired_csv
@@ -81,6 +82,30 @@ def test_corrupted_newest_checkpoint_falls_back_to_previous(pairs, tmp_path):
     resumed = run_cli("train", pairs, "--out", run, "--steps", "4", "--resume", "--device", "cpu")
     assert resumed.returncode == 0, resumed.stderr
     assert "skipping" in resumed.stderr and "resumed from step-0000002.pt" in resumed.stderr
+
+
+def test_resume_from_a_checkpoint_of_older_layout_is_a_one_line_error(pairs, tmp_path):
+    """Weights written with separate L and U factors load; their optimizer state cannot, and says so."""
+    run = tmp_path / "run"
+    assert run_cli("train", pairs, "--out", run, "--preset", "tiny", "--steps", "2", "--checkpoint-every", "1",
+                   "--device", "cpu", "--spacing", "6").returncode == 0
+    newest = step_checkpoints(run)[0]
+    state = load_state(newest)
+    model = state["model"]
+    for key in [k for k in model if k.endswith("invconv.lu")]:
+        prefix = key[: -len("lu")]
+        lu = model.pop(key)
+        channels = lu.shape[0]
+        model[prefix + "lower"] = torch.tril(lu, -1) + torch.eye(channels)
+        model[prefix + "upper"] = torch.triu(lu, 1)
+        model[prefix + "lower_mask"] = torch.tril(torch.ones(channels, channels), -1)
+        model[prefix + "perm"] = torch.eye(channels)[model[prefix + "perm"]]
+    DualGlow(DualGlowConfig.from_dict(read_config(run)["model"])).load_state_dict(model)
+    state["optimizer"]["param_groups"][0]["params"].append(len(state["optimizer"]["param_groups"][0]["params"]))
+    save_state(newest, state)
+    resumed = run_cli("train", pairs, "--out", run, "--steps", "4", "--resume", "--device", "cpu")
+    assert resumed.returncode == 5 and "Traceback" not in resumed.stderr
+    assert f"{newest}: cannot resume from it" in resumed.stderr
 
 
 def test_sigterm_saves_a_checkpoint_and_exits_130(pairs, tmp_path):
