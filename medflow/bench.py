@@ -440,8 +440,8 @@ conditioning of the PET couplings and the affine injector on the PET input
   and for batches above 1, the two convolutions are the same code.
 
 - Flow step. medflow: ActNorm -> invertible 1x1x1 convolution with a learned LU-parametrised
-  matrix (applied factor by factor where a batch has fewer voxels than channels) -> affine coupling. Peer: `Fm.ActNorm` -> `Fm.AllInOneBlock`, i.e. affine coupling ->
-  learned per-channel affine (softplus-parametrised) -> fixed random channel permutation,
+  matrix (applied factor by factor where a batch has fewer voxels than channels) -> affine
+  coupling. Peer: `Fm.ActNorm` -> `Fm.AllInOneBlock`, i.e. affine coupling -> learned per-channel affine (softplus-parametrised) -> fixed random channel permutation,
   applied as a 1x1x1 convolution with a permutation matrix. Both evaluate one subnet and one
   dense CxC channel mix per step; the peer's mix is not learned, hence its fewer trainable
   parameters.
