@@ -162,6 +162,10 @@ def speed_rounds(device: str) -> int:
     return 2 if device == "cpu" else 1
 
 
+def times_text(n: int) -> str:
+    return {1: "once", 2: "twice"}.get(n, f"{n} times")
+
+
 def merge_rounds(rounds: list[dict]) -> dict:
     """One result from repeated runs of a case: step time the median of all their timed steps,
     CPU time and memories the median over the runs; the first failure if any run failed."""
@@ -479,7 +483,7 @@ def speed_markdown(configs: list[SpeedConfig], results: list[list[dict]], device
 
 One training step = forward, backward and one AdamW step on batch 1 (random volumes), after
 ActNorm was initialised by one training-mode forward without gradients. Every case ran
-{speed_rounds(device)} time(s), each in a fresh process; on a CPU all cases in one order and then in the
+{times_text(speed_rounds(device))}, each in a fresh process; on a CPU all cases in one order and then in the
 reverse order, so that a drift in the machine's speed falls on every implementation alike.
 Step time = median over the timed steps of all runs ({timed} per run, each after one untimed
 warm-up step), {usable_cores()} torch threads; CPU use = process CPU time / (step time x
