@@ -445,8 +445,9 @@ conditioning of the PET couplings and the affine injector on the PET input
 
 - Flow step. medflow: ActNorm -> invertible 1x1x1 convolution with a learned LU-parametrised
   matrix (applied factor by factor where a batch has fewer voxels than channels) -> affine
-  coupling. Peer: `Fm.ActNorm` -> `Fm.AllInOneBlock`, i.e. affine coupling -> learned per-channel affine (softplus-parametrised) -> fixed random channel permutation,
-  applied as a 1x1x1 convolution with a permutation matrix. Both evaluate one subnet and one
+  coupling. Peer: `Fm.ActNorm` -> `Fm.AllInOneBlock`, i.e. affine coupling -> learned
+  per-channel affine (softplus-parametrised) -> fixed random channel permutation, applied as a
+  1x1x1 convolution with a permutation matrix. Both evaluate one subnet and one
   dense CxC channel mix per step; the peer's mix is not learned, hence its fewer trainable
   parameters.
 - Coupling clamp: medflow `(2c/pi) atan(s/c)`, `AllInOneBlock` `c tanh(0.1 s)`.

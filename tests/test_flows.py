@@ -128,13 +128,21 @@ def test_invconv_applies_factors_when_fewer_voxels_than_channels():
     assert torch.allclose(conv.inverse(y), x, atol=1e-12)
 
 
+def separate_factor_entries(lu: torch.Tensor, perm: torch.Tensor) -> dict:
+    """What an InvConv1x1x1 state dict held instead of ``lu`` before it existed: ``lower`` (unit
+    diagonal), ``upper``, the strict-lower mask, and P as a matrix."""
+    c = lu.shape[0]
+    return {"lower": torch.tril(lu, -1) + torch.eye(c), "upper": torch.triu(lu, 1),
+            "lower_mask": torch.tril(torch.ones(c, c), -1), "perm": torch.eye(c)[perm]}
+
+
 def test_invconv_loads_checkpoints_with_separate_lower_and_upper_factors():
     torch.manual_seed(0)
     conv = perturb(InvConv1x1x1(5))
-    lower = torch.tril(conv.lu.detach(), -1) + torch.eye(5) + torch.triu(torch.ones(5, 5), 1)
-    upper = torch.triu(conv.lu.detach(), 1) + torch.tril(torch.ones(5, 5))
-    old = {"perm": torch.eye(5)[conv.perm], "sign_s": conv.sign_s, "lower_mask": torch.tril(torch.ones(5, 5), -1),
-           "lower": lower, "upper": upper, "log_s": conv.log_s.detach()}
+    old = {**separate_factor_entries(conv.lu.detach(), conv.perm), "sign_s": conv.sign_s, "log_s": conv.log_s.detach()}
+    lower = old["lower"] + torch.triu(torch.ones(5, 5), 1)  # masked entries never count
+    upper = old["upper"] + torch.tril(torch.ones(5, 5))
+    old.update(lower=lower, upper=upper)
     old_weight = old["perm"] @ (lower * old["lower_mask"] + torch.eye(5)) @ (
         upper * old["lower_mask"].T + torch.diag(conv.sign_s * conv.log_s.detach().exp()))
     loaded = InvConv1x1x1(5)

@@ -22,6 +22,7 @@ from medflow.model import DualGlow, DualGlowConfig
 from medflow.train import Trainer, TrainOptions, lr_factor
 from medflow.trained import load_trained
 from tests.paired_data import write_paired_csv
+from tests.test_flows import separate_factor_entries
 
 MEDFLOW = [sys.executable, "-m", "medflow.cli"]
 TRAIN_ARGS = ["--preset", "tiny", "--steps", "8", "--checkpoint-every", "1", "--val-every", "4",
@@ -94,12 +95,8 @@ def test_resume_from_a_checkpoint_of_older_layout_is_a_one_line_error(pairs, tmp
     model = state["model"]
     for key in [k for k in model if k.endswith("invconv.lu")]:
         prefix = key[: -len("lu")]
-        lu = model.pop(key)
-        channels = lu.shape[0]
-        model[prefix + "lower"] = torch.tril(lu, -1) + torch.eye(channels)
-        model[prefix + "upper"] = torch.triu(lu, 1)
-        model[prefix + "lower_mask"] = torch.tril(torch.ones(channels, channels), -1)
-        model[prefix + "perm"] = torch.eye(channels)[model[prefix + "perm"]]
+        old = separate_factor_entries(model.pop(key), model[prefix + "perm"])
+        model.update({prefix + name: value for name, value in old.items()})
     DualGlow(DualGlowConfig.from_dict(read_config(run)["model"])).load_state_dict(model)
     state["optimizer"]["param_groups"][0]["params"].append(len(state["optimizer"]["param_groups"][0]["params"]))
     save_state(newest, state)

@@ -2,17 +2,19 @@
 
 PyTorch sends a CPU float32 convolution with batch 1 to its im2col path whenever
 channels x depth x height (the width is not counted) is at most 20480, a rule written for
-2D images: a [1, 4, 48, 56, 48] input qualifies. For such 3D inputs that path is several
-times slower than oneDNN in both directions (and, with channels-last weights, copies the
-weight to the contiguous layout on each call). ``Conv3d`` runs those convolutions on oneDNN
-instead: the forward pass and the input gradient as oneDNN convolutions, and the weight
-gradient as a oneDNN convolution of the input with the output gradient (batch and channel
-axes swapped). It does so only where the input has at least as many voxels as the weight
-has values per input channel: at a flow's top levels (a few voxels, large weights) the
-weight-side work of this route costs more than im2col. Values equal ``torch.nn.Conv3d``'s up
-to float rounding; every other case (other devices, dtypes, autocast, batches > 1, inputs
-PyTorch already sends to oneDNN, convolutions that are not stride-1 "same" convolutions)
-runs ``torch.nn.Conv3d`` unchanged.
+2D images: a [1, 4, 48, 56, 48] input qualifies (and, with channels-last weights, that path
+copies the weight to the contiguous layout on each call). ``Conv3d`` runs those convolutions
+on oneDNN, which PyTorch uses for larger inputs: the forward pass and the input gradient as
+oneDNN convolutions, and the weight gradient as a oneDNN convolution of the input with the
+output gradient (batch and channel axes swapped). It does so only where the input has at
+least as many voxels as the weight has values per input channel, because this route's
+backward copies a flipped weight and convolves over the whole volume: work that grows with
+the weight, which at a flow's top levels (a few voxels, large weights) is most of it.
+BENCHMARKS.md (section 1) times medflow's batch-1 training step against the FrEIA peer's,
+whose subnets use ``torch.nn.Conv3d``. Values equal ``torch.nn.Conv3d``'s up to float
+rounding; every other case (other devices, dtypes, autocast, batches > 1, inputs PyTorch
+already sends to oneDNN, convolutions that are not stride-1 "same" convolutions) runs
+``torch.nn.Conv3d`` unchanged.
 """
 
 from __future__ import annotations
