@@ -1,16 +1,15 @@
 """The Dual-Glow architecture rebuilt from FrEIA blocks: the peer that ``medflow.bench`` times.
 
-Each modality's multi-scale 3D Glow is a list of ``FrEIA.framework.SequenceINN`` levels:
-a 3D reshape squeeze (FrEIA has none; ``Squeeze3d`` below), then per flow step
-``Fm.ActNorm`` (data-dependent initialisation) and ``Fm.AllInOneBlock`` (one-sided affine
-coupling with one subnet, a learned per-channel affine and a fixed random channel
-permutation applied as a 1x1x1 convolution). The coupling subnets have medflow's shape
-(3x3x3 -> 1x1x1 -> 3x3x3, same widths) built from plain ``torch.nn.Conv3d``, as a FrEIA user
-writes them (medflow's own use ``medflow.flows.conv.Conv3d``), and the conditional priors are medflow's
-``GaussianPrior`` conditioned exactly as in ``medflow.model.DualGlow``, as is the affine
-injector on the PET input (``ConditionalAffine``) where the preset has one, so only the flow
-blocks differ. FrEIA builds each level for one fixed input size, so the peer is built
-for one volume shape.
+Each modality's multi-scale 3D Glow is a list of ``FrEIA.framework.SequenceINN`` levels: a
+3D reshape squeeze (FrEIA has none; ``Squeeze3d`` below), then per flow step ``Fm.ActNorm``
+(data-dependent initialisation) and ``Fm.AllInOneBlock`` (one-sided affine coupling with one
+subnet, a learned per-channel affine and a fixed random channel permutation applied as a
+1x1x1 convolution). The coupling subnets have medflow's shape (3x3x3 -> 1x1x1 -> 3x3x3, same
+widths) built from plain ``torch.nn.Conv3d``, as a FrEIA user writes them (medflow's own use
+``medflow.flows.conv.Conv3d``), and the conditional priors are medflow's ``GaussianPrior``
+conditioned exactly as in ``medflow.model.DualGlow``, as is the affine injector on the PET
+input (``ConditionalAffine``) where the preset has one, so only the flow blocks differ.
+FrEIA builds each level for one fixed input size, so the peer is built for one volume shape.
 """
 
 from __future__ import annotations

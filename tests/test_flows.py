@@ -8,6 +8,7 @@ from medflow.flows import (
     ActNorm, AffineCoupling, ConditionalAffine, FlowStep, Glow3d, GlowLevel, HaarDownsample3d, InvConv1x1x1,
     Squeeze3d,
 )
+from tests.old_invconv_layout import separate_factor_entries
 
 SHAPE = (1, 2, 4, 4, 4)
 
@@ -126,14 +127,6 @@ def test_invconv_applies_factors_when_fewer_voxels_than_channels():
     jac = jacobian(lambda flat: conv(flat.view(x.shape))[0].flatten(), x.flatten())
     assert torch.allclose(logdet, torch.linalg.slogdet(jac)[1], atol=1e-9)
     assert torch.allclose(conv.inverse(y), x, atol=1e-12)
-
-
-def separate_factor_entries(lu: torch.Tensor, perm: torch.Tensor) -> dict:
-    """What an InvConv1x1x1 state dict held instead of ``lu`` before it existed: ``lower`` (unit
-    diagonal), ``upper``, the strict-lower mask, and P as a matrix."""
-    c = lu.shape[0]
-    return {"lower": torch.tril(lu, -1) + torch.eye(c), "upper": torch.triu(lu, 1),
-            "lower_mask": torch.tril(torch.ones(c, c), -1), "perm": torch.eye(c)[perm]}
 
 
 def test_invconv_loads_checkpoints_with_separate_lower_and_upper_factors():

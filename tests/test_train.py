@@ -22,7 +22,7 @@ from medflow.model import DualGlow, DualGlowConfig
 from medflow.train import Trainer, TrainOptions, lr_factor
 from medflow.trained import load_trained
 from tests.paired_data import write_paired_csv
-from tests.test_flows import separate_factor_entries
+from tests.old_invconv_layout import separate_factor_entries
 
 MEDFLOW = [sys.executable, "-m", "medflow.cli"]
 TRAIN_ARGS = ["--preset", "tiny", "--steps", "8", "--checkpoint-every", "1", "--val-every", "4",
