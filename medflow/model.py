@@ -14,6 +14,7 @@ from medflow.adversary import SideDiscriminator
 from medflow.condition import ConditionEncoder, mri_conditions
 from medflow.errors import ModelError
 from medflow.flows.coupling import AffineCoupling
+from medflow.flows.covariate_scale import CovariateScale
 from medflow.flows.glow import SQUEEZES, Glow3d
 from medflow.flows.injector import ConditionalAffine
 from medflow.presets import load_preset
@@ -34,7 +35,10 @@ class DualGlowConfig:
     encoder (a small 3D U-Net on the MRI, ``medflow.condition``) of this width adds
     multi-scale MRI features to the PET couplings and priors of every level; side_channels:
     length of the side-information vector (age, sex, diagnosis... see ``medflow.side``) that
-    conditions the top level's PET prior, 0 for none; side_adversary:
+    conditions the top level's PET prior, 0 for none; side_map_cells: if > 0, side information
+    also scales the PET voxel-wise before the rest of the flow through a learned map per covariate
+    of this many cells per axis over the volume's box (``medflow.flows.covariate_scale``), so a
+    covariate can change uptake regionally; side_adversary:
     weight of the gradient-reversal discriminators that push side information out of the
     lower PET latents; injector_width: if > 0, the PET flow starts with a voxel-wise
     conditional affine transform ``(pet - mu) * exp(-log_s)`` whose ``mu`` and ``log_s`` a
@@ -55,6 +59,7 @@ class DualGlowConfig:
     normalize_condition: bool = False
     condition_width: int = 0
     side_channels: int = 0
+    side_map_cells: int = 0
     side_adversary: float = 0.1
     injector_width: int = 0
     lam: float = 0.001
@@ -79,8 +84,8 @@ class DualGlowConfig:
             raise ModelError(f"prior must be 'mean' or 'mean_scale', got {self.prior!r}")
         if self.mri_channels < 1 or self.hidden < 1 or self.prior_hidden < 1:
             raise ModelError("mri_channels, hidden and prior_hidden must be positive")
-        if self.side_channels < 0 or self.side_adversary < 0:
-            raise ModelError("side_channels and side_adversary must be >= 0")
+        if self.side_channels < 0 or self.side_adversary < 0 or self.side_map_cells < 0:
+            raise ModelError("side_channels, side_map_cells and side_adversary must be >= 0")
         if self.condition_width < 0 or self.injector_width < 0:
             raise ModelError("condition_width and injector_width must be >= 0 (0 turns them off)")
 
@@ -128,6 +133,8 @@ class DualGlow(nn.Module):
         injector_cond = c.mri_channels + c.condition_width
         self.injector = (ConditionalAffine(1, injector_cond, c.injector_width, c.clamp) if c.injector_width
                          else None)
+        self.side_scale = (CovariateScale(1, c.side_channels, c.side_map_cells, c.clamp)
+                           if c.side_channels and c.side_map_cells else None)
         self.discriminators = nn.ModuleList(
             SideDiscriminator(z, c.side_channels) for z in self.pet_flow.z_channels[:-1]
         ) if c.side_channels else None
@@ -205,7 +212,10 @@ class DualGlow(nn.Module):
         ``side_adversary``, the discriminators' loss (a scalar)."""
         lp_mri, enc_mri = self.encode_mri(mri)
         coupling, prior, injector = self._pet_conditions(mri, enc_mri, side)
-        flow_in, logdet = (pet, 0.0) if self.injector is None else self.injector(pet, injector)
+        flow_in, logdet = (pet, 0.0) if self.side_scale is None else self.side_scale(pet, side)
+        if self.injector is not None:
+            flow_in, injector_logdet = self.injector(flow_in, injector)
+            logdet = logdet + injector_logdet
         lp_pet, enc_pet = self.pet_flow.log_prob(flow_in, coupling, prior)
         lp_pet = lp_pet + logdet
         n = self.config.n_bins
@@ -246,5 +256,7 @@ class DualGlow(nn.Module):
         draws = []
         for _ in range(n):
             pet = self.pet_flow.sample(mri.shape[0], spatial, temperature, coupling, prior, generator)
-            draws.append(pet if self.injector is None else self.injector.inverse(pet, injector))
+            if self.injector is not None:
+                pet = self.injector.inverse(pet, injector)
+            draws.append(pet if self.side_scale is None else self.side_scale.inverse(pet, side))
         return torch.stack(draws)

@@ -5,8 +5,8 @@ import torch
 from torch.autograd.functional import jacobian
 
 from medflow.flows import (
-    ActNorm, AffineCoupling, ConditionalAffine, FlowStep, Glow3d, GlowLevel, HaarDownsample3d, InvConv1x1x1,
-    Squeeze3d,
+    ActNorm, AffineCoupling, ConditionalAffine, CovariateScale, FlowStep, Glow3d, GlowLevel, HaarDownsample3d,
+    InvConv1x1x1, Squeeze3d,
 )
 from tests.old_invconv_layout import separate_factor_entries
 
@@ -23,6 +23,8 @@ def perturb(module, scale=0.2, seed=0):
 
 
 def blocks(channels=2, cond_channels=3):
+    """name: (module, condition) where condition is None, a channel count (a spatial condition
+    [B, channels, D, H, W]) or ("vector", S) (a side vector [B, S])."""
     return {
         "actnorm": (ActNorm(channels), None),
         "invconv": (InvConv1x1x1(channels), None),
@@ -33,7 +35,16 @@ def blocks(channels=2, cond_channels=3):
         "flowstep_cond": (FlowStep(channels, 8, cond_channels), cond_channels),
         "level": (GlowLevel(channels, 2, 8, "haar", 2.0, 0), None),
         "injector": (ConditionalAffine(channels, cond_channels, 8), cond_channels),
+        "covariate_scale": (CovariateScale(channels, cond_channels, 3), ("vector", cond_channels)),
     }
+
+
+def make_cond(spec, batch, spatial, dtype=torch.float32):
+    if spec is None:
+        return None
+    if isinstance(spec, tuple):
+        return torch.randn(batch, spec[1], dtype=dtype)
+    return torch.randn(batch, spec, *spatial, dtype=dtype)
 
 
 def run_init(module, x, cond):
@@ -48,7 +59,7 @@ def test_block_logdet_matches_brute_force_jacobian(name):
     module, cc = blocks()[name]
     module = module.double()
     x = torch.randn(SHAPE, dtype=torch.float64)
-    cond = torch.randn(1, cc, *SHAPE[2:], dtype=torch.float64) if cc else None
+    cond = make_cond(cc, 1, SHAPE[2:], torch.float64)
     run_init(module, x, cond)
     perturb(module)
 
@@ -67,7 +78,7 @@ def test_block_round_trip_at_init_and_after_training(name):
     torch.manual_seed(1)
     module, cc = blocks(channels=4)[name]
     x = torch.randn(2, 4, 8, 8, 8)
-    cond = torch.randn(2, cc, 8, 8, 8) if cc else None
+    cond = make_cond(cc, 2, (8, 8, 8))
     run_init(module, x, cond)
     y, _ = module(x, cond)
     assert (module.inverse(y, cond) - x).abs().max() < 1e-4

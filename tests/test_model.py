@@ -133,7 +133,8 @@ def test_compiled_subnets_give_the_eager_loss_and_gradients_under_the_same_names
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
-@pytest.mark.parametrize("overrides, recompute", [({}, False), ({}, True), ({"side_channels": 2}, False)])
+@pytest.mark.parametrize("overrides, recompute",
+                         [({}, False), ({}, True), ({"side_channels": 2, "side_map_cells": 4}, False)])
 def test_training_step_never_waits_for_the_device(overrides, recompute):
     """No tensor is read back to Python (aten._local_scalar_dense, what .item() and bool() run) in
     a training forward and backward once ActNorm is initialised: on a GPU each read would stall

@@ -9,6 +9,8 @@ import torch
 from typer.testing import CliRunner
 
 from medflow import DualGlow
+from medflow.model import DualGlowConfig
+from medflow.presets import load_preset
 from medflow.adversary import BOUND, SideDiscriminator, grad_reverse
 from medflow.cli import app
 from medflow.errors import InputError
@@ -73,6 +75,35 @@ def test_side_stays_out_of_the_injector():
     mri = torch.randn(2, 1, 8, 8, 8)
     _, enc = model.encode_mri(mri)
     assert model._pet_conditions(mri, enc, torch.zeros(2, 3))[2].shape == (2, 1, 8, 8, 8)
+
+
+def test_covariate_maps_scale_the_pet_before_the_injector_and_are_undone_last_in_sampling():
+    torch.manual_seed(0)
+    model = DualGlow.from_preset("tiny", side_channels=3, side_map_cells=4, injector_width=8)
+    mri, pet, side = torch.randn(2, 1, 8, 8, 8), torch.rand(2, 1, 8, 8, 8), torch.randn(2, 3)
+    model.loss(pet, mri, side)
+    model.eval()
+    with torch.no_grad():
+        model.side_scale.maps.normal_(0.0, 0.3)
+    _, enc = model.encode_mri(mri)
+    coupling, prior, cond = model._pet_conditions(mri, enc, side)
+    scaled, scale_logdet = model.side_scale(pet, side)
+    assert not torch.allclose(scaled, pet)
+    flow_in, injector_logdet = model.injector(scaled, cond)
+    lp, _ = model.pet_flow.log_prob(flow_in, coupling, prior)
+    torch.testing.assert_close(model.log_prob(pet, mri, side)["pet"], lp + scale_logdet + injector_logdet)
+    mode = model.pet_flow.sample(2, (8, 8, 8), 0.0, coupling, prior)
+    expected = model.side_scale.inverse(model.injector.inverse(mode, cond), side)
+    torch.testing.assert_close(model.sample(mri, 0.0, side=side)[0], expected)
+
+
+def test_side_model_from_before_effect_maps_loads_and_runs_without_them():
+    """Side-information models trained before ``side_map_cells`` existed have no such key."""
+    values = dict(load_preset("tiny")["model"], side_channels=3)
+    del values["side_map_cells"]
+    model = DualGlow(DualGlowConfig.from_dict(values))
+    assert model.side_scale is None and "side_scale.maps" not in model.state_dict()
+    model.loss(torch.rand(2, 1, 8, 8, 8), torch.randn(2, 1, 8, 8, 8), torch.randn(2, 3))
 
 
 @pytest.fixture(scope="module")
