@@ -21,7 +21,8 @@ class CovariateScale(InvertibleModule):
     log|det dy/dx| = -sum(e). The maps start at zero: the transform starts as the identity.
     They are stored divided by ``GAIN`` (as Glow's zero-initialised layers store log-scales
     divided by 3), so that Adam, whose steps are about the learning rate per parameter, moves
-    these few, weakly and noisily supervised parameters GAIN times faster than the conv weights.
+    these few, weakly and noisily supervised parameters GAIN times further per step than the
+    conv weights.
     """
 
     GAIN = 10.0
