@@ -48,6 +48,7 @@ MEDIAL_TEMPORAL_BLOBS = (
     ((-25.0, -20.0, -18.0), 10.0, -1),
     ((25.0, -20.0, -18.0), 10.0, 1),
 )
+AGE_RANGE = (55.0, 90.0)  # years, uniform
 # Fraction of GM uptake lost in the core of the hypometabolism pattern, per diagnosis.
 METABOLIC_DROP = {"CN": (0.0, 0.03), "MCI": (0.05, 0.15), "AD": (0.15, 0.35)}
 
@@ -156,10 +157,10 @@ def _spline_weights(fine: int, coarse: int) -> np.ndarray:
 
 
 def _demographics(rng: np.random.Generator, dx: str | None) -> tuple[float, str, str]:
-    """Age ~ U(55, 90), sex, and a diagnosis that grows likelier to be MCI/AD with age."""
-    age = round(float(rng.uniform(55.0, 90.0)), 1)
+    """Age ~ U(AGE_RANGE) to 0.1 year, sex, and a diagnosis that grows likelier to be MCI/AD with age."""
+    age = round(float(rng.uniform(*AGE_RANGE)), 1)
     sex = "M" if rng.random() < 0.5 else "F"
-    older = (age - 55.0) / 35.0
+    older = (age - AGE_RANGE[0]) / (AGE_RANGE[1] - AGE_RANGE[0])
     p_ad, p_mci = 0.08 + 0.37 * older, 0.22 + 0.13 * older
     drawn = str(rng.choice(DIAGNOSES, p=[1.0 - p_ad - p_mci, p_mci, p_ad]))
     return age, sex, dx or drawn

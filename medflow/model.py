@@ -36,9 +36,11 @@ class DualGlowConfig:
     multi-scale MRI features to the PET couplings and priors of every level; side_channels:
     length of the side-information vector (age, sex, diagnosis... see ``medflow.side``) that
     conditions the top level's PET prior, 0 for none; side_map_cells: if > 0, side information
-    also scales the PET voxel-wise before the rest of the flow through a learned map per covariate
-    of this many cells per axis over the volume's box (``medflow.flows.covariate_scale``), so a
-    covariate can change uptake regionally; side_adversary:
+    also scales the PET voxel-wise before the rest of the flow through a learned map per side
+    channel of this many cells per axis over the volume's box (``medflow.flows.covariate_scale``),
+    so a covariate can change uptake regionally; side_map_channels: the side channels that have
+    such a map (training sets the one-hot categories: a map times a standardised number would
+    extrapolate without bound beyond the training range), None for all; side_adversary:
     weight of the gradient-reversal discriminators that push side information out of the
     lower PET latents; injector_width: if > 0, the PET flow starts with a voxel-wise
     conditional affine transform ``(pet - mu) * exp(-log_s)`` whose ``mu`` and ``log_s`` a
@@ -60,6 +62,7 @@ class DualGlowConfig:
     condition_width: int = 0
     side_channels: int = 0
     side_map_cells: int = 0
+    side_map_channels: list[int] | None = None
     side_adversary: float = 0.1
     injector_width: int = 0
     lam: float = 0.001
@@ -86,6 +89,11 @@ class DualGlowConfig:
             raise ModelError("mri_channels, hidden and prior_hidden must be positive")
         if self.side_channels < 0 or self.side_adversary < 0 or self.side_map_cells < 0:
             raise ModelError("side_channels, side_map_cells and side_adversary must be >= 0")
+        if self.side_map_channels is not None and (
+                len(set(self.side_map_channels)) != len(self.side_map_channels)
+                or any(not 0 <= int(k) < self.side_channels for k in self.side_map_channels)):
+            raise ModelError(f"side_map_channels must be distinct indices below side_channels "
+                             f"({self.side_channels}), got {self.side_map_channels}")
         if self.condition_width < 0 or self.injector_width < 0:
             raise ModelError("condition_width and injector_width must be >= 0 (0 turns them off)")
 
@@ -133,8 +141,8 @@ class DualGlow(nn.Module):
         injector_cond = c.mri_channels + c.condition_width
         self.injector = (ConditionalAffine(1, injector_cond, c.injector_width, c.clamp) if c.injector_width
                          else None)
-        self.side_scale = (CovariateScale(1, c.side_channels, c.side_map_cells, c.clamp)
-                           if c.side_channels and c.side_map_cells else None)
+        self.side_scale = (CovariateScale(1, c.side_channels, c.side_map_cells, c.clamp, c.side_map_channels)
+                           if c.side_channels and c.side_map_cells and c.side_map_channels != [] else None)
         self.discriminators = nn.ModuleList(
             SideDiscriminator(z, c.side_channels) for z in self.pet_flow.z_channels[:-1]
         ) if c.side_channels else None

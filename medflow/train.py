@@ -215,6 +215,7 @@ class Trainer:
             spec = SideSpec.fit(s["side_columns"], [x.side for x in train], s["data"])
             s["side"] = spec.to_dict()
             s["model"]["side_channels"] = spec.width
+            s["model"]["side_map_channels"] = spec.categorical_channels()
         self.side_spec = SideSpec.from_dict(s["side"]) if s.get("side") else None
         levels = len(s["model"]["steps"])
         normalization = s.get("pet_normalization", "none")

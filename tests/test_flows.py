@@ -36,6 +36,7 @@ def blocks(channels=2, cond_channels=3):
         "level": (GlowLevel(channels, 2, 8, "haar", 2.0, 0), None),
         "injector": (ConditionalAffine(channels, cond_channels, 8), cond_channels),
         "covariate_scale": (CovariateScale(channels, cond_channels, 3), ("vector", cond_channels)),
+        "covariate_scale_some": (CovariateScale(channels, cond_channels, 3, mapped=[0, 2]), ("vector", cond_channels)),
     }
 
 

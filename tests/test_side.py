@@ -1,6 +1,7 @@
 """Side information: encoding, gradient reversal, training and synthesis with covariates."""
 
 import csv
+import json
 
 import nibabel as nib
 import numpy as np
@@ -13,7 +14,8 @@ from medflow.model import DualGlowConfig
 from medflow.presets import load_preset
 from medflow.adversary import BOUND, SideDiscriminator, grad_reverse
 from medflow.cli import app
-from medflow.errors import InputError
+from medflow.errors import InputError, ModelError
+from medflow.flows import CovariateScale
 from medflow.side import SideSpec, parse_side
 from tests.paired_data import write_paired_csv
 
@@ -27,6 +29,7 @@ def test_spec_standardises_numbers_one_hots_categories_and_fills_defaults():
     vec = spec.encode({"age": "80", "sex": "M", "dx": "CN"}, "x")
     assert torch.allclose(vec, torch.tensor([1.0, 0.0, 1.0, 0.0, 1.0]))
     assert torch.allclose(spec.encode({}, "x"), torch.tensor([0.0, 1.0, 0.0, 1.0, 0.0]))
+    assert spec.categorical_channels() == [1, 2, 3, 4]
     assert SideSpec.from_dict(spec.to_dict()) == spec
     with pytest.raises(InputError, match="not one of"):
         spec.encode({"dx": "FTD"}, "x")
@@ -106,6 +109,22 @@ def test_side_model_from_before_effect_maps_loads_and_runs_without_them():
     model.loss(torch.rand(2, 1, 8, 8, 8), torch.randn(2, 1, 8, 8, 8), torch.randn(2, 3))
 
 
+def test_effect_maps_follow_only_their_channels():
+    """A map per mapped side channel; a change in an unmapped (numeric) channel leaves the scale alone."""
+    torch.manual_seed(0)
+    scale = CovariateScale(1, 3, 4, mapped=[1, 2])
+    assert scale.maps.shape == (2, 1, 4, 4, 4)
+    with torch.no_grad():
+        scale.maps.normal_(0.0, 0.1)
+    pet, side = torch.rand(1, 1, 8, 8, 8), torch.tensor([[0.5, 1.0, 0.0]])
+    age_changed, dx_changed = side.clone(), side.clone()
+    age_changed[0, 0], dx_changed[0, 1:] = -1.5, torch.tensor([0.0, 1.0])
+    assert torch.equal(scale(pet, side)[0], scale(pet, age_changed)[0])
+    assert not torch.allclose(scale(pet, side)[0], scale(pet, dx_changed)[0])
+    with pytest.raises(ModelError, match="side_map_channels"):
+        DualGlow.from_preset("tiny", side_channels=3, side_map_channels=[1, 3])
+
+
 @pytest.fixture(scope="module")
 def side_run(tmp_path_factory):
     folder = tmp_path_factory.mktemp("side")
@@ -134,6 +153,8 @@ def test_synthesis_follows_the_side_information(side_run, tmp_path):
         assert result.exit_code == 0, result.stderr
         outs[dx] = nib.load(out).get_fdata()
     assert not np.array_equal(outs["AD"], outs["CN"])
+    config = json.loads((run / "config.json").read_text())["model"]
+    assert config["side_map_channels"] == [1, 2]  # dx's two categories; age acts through the top prior only
     bad = CliRunner().invoke(app, ["synthesize", str(pairs / "sub-00_t1.nii.gz"), str(tmp_path / "x.nii.gz"),
                                    "--model", str(run), "--side", "dx=FTD"])
     assert bad.exit_code == 3 and "not one of" in bad.stderr and not (tmp_path / "x.nii.gz").exists()

@@ -14,7 +14,8 @@ class CovariateScale(InvertibleModule):
     """``y = x * exp(-e)`` for x [B, C, D, H, W], with ``e = sum_k side_k * map_k`` [B, C, D, H, W].
 
     ``cond`` is the side vector [B, S] (standardised numbers and one-hot categories, see
-    ``medflow.side``), not a spatial tensor. Each ``map_k`` [C, cells, cells, cells] is a learned
+    ``medflow.side``), not a spatial tensor; only its channels ``mapped`` (default: all) have maps,
+    the sum runs over those. Each ``map_k`` [C, cells, cells, cells] is a learned
     log relative change of x per unit of covariate k, spread over x's box by trilinear
     interpolation, so a covariate can act regionally (a diagnosis lowering uptake in some
     regions only) without any other input; ``e`` is soft-clamped to (-clamp, clamp).
@@ -27,15 +28,17 @@ class CovariateScale(InvertibleModule):
 
     GAIN = 10.0
 
-    def __init__(self, channels: int, side_channels: int, cells: int, clamp: float = 2.0):
+    def __init__(self, channels: int, side_channels: int, cells: int, clamp: float = 2.0,
+                 mapped: list[int] | None = None):
         super().__init__()
         self.clamp = clamp
-        self.maps = nn.Parameter(torch.zeros(side_channels, channels, cells, cells, cells))
+        self.mapped = list(range(side_channels)) if mapped is None else list(mapped)
+        self.maps = nn.Parameter(torch.zeros(len(self.mapped), channels, cells, cells, cells))
 
     def log_scale(self, side: torch.Tensor, size: torch.Size) -> torch.Tensor:
         """``e`` [B, C, *size] for side [B, S]."""
         maps = F.interpolate(self.GAIN * self.maps, size=tuple(size), mode="trilinear", align_corners=True)
-        return soft_clamp(torch.einsum("bs,scdhw->bcdhw", side.to(maps), maps), self.clamp)
+        return soft_clamp(torch.einsum("bs,scdhw->bcdhw", side[:, self.mapped].to(maps), maps), self.clamp)
 
     def forward(self, x, cond=None):
         e = self.log_scale(cond, x.shape[2:])
