@@ -1,4 +1,4 @@
-"""Covariate scale: a learned map of relative change per covariate, applied voxel-wise to the flow input."""
+"""Covariate scale: a learned map of relative change per side channel, applied voxel-wise to the flow input."""
 
 from __future__ import annotations
 
