@@ -174,8 +174,10 @@ lowers the expected held-out code length by the conditional mutual information
 I(PET; side | MRI), which is at most the covariates' entropy, at most {bits:.1f} bits per subject
 (`side_information_bits`: ages written to 0.1 year over the recipe's range, 2 sexes, 3 diagnoses),
 that is at most {bits / voxels:.1e} bit/voxel over the {voxels:.0f} voxels of a held-out model grid.{spread}
-Separately trained runs therefore cannot resolve that gain at this number of seeds; the paired
-row (same weights, covariates at their defaults) has no training noise between its two numbers.
+Separately trained runs therefore cannot resolve that gain at this number of seeds. Real models
+can gain more, where the covariates make up for what a model has not learned from the MRI (the
+hypometabolism that the T1's atrophy only partly shows); the paired row (same weights, covariates
+at their defaults) measures that without training noise between its two numbers.
 
 Diagnosis control: the side-information model (seed {args.seeds[0]}) synthesizes each held-out
 subject at temperature 0 with dx=CN and with dx=AD, age and sex its own. CN - AD in PET units and
