@@ -40,7 +40,7 @@ class DualGlowConfig:
     channel of this many cells per axis over the volume's box (``medflow.flows.covariate_scale``),
     so a covariate can change uptake regionally; side_map_channels: the side channels that have
     such a map (training sets the one-hot categories: a map times a standardised number would
-    extrapolate without bound beyond the training range), None for all; side_adversary:
+    extrapolate without bound beyond the training range), None for all, [] for none; side_adversary:
     weight of the gradient-reversal discriminators that push side information out of the
     lower PET latents; injector_width: if > 0, the PET flow starts with a voxel-wise
     conditional affine transform ``(pet - mu) * exp(-log_s)`` whose ``mu`` and ``log_s`` a

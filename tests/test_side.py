@@ -123,6 +123,7 @@ def test_effect_maps_follow_only_their_channels():
     assert not torch.allclose(scale(pet, side)[0], scale(pet, dx_changed)[0])
     with pytest.raises(ModelError, match="side_map_channels"):
         DualGlow.from_preset("tiny", side_channels=3, side_map_channels=[1, 3])
+    assert DualGlow.from_preset("tiny", side_channels=1, side_map_channels=[]).side_scale is None  # age only
 
 
 @pytest.fixture(scope="module")
