@@ -57,14 +57,10 @@ class SideSpec:
         return len(self.numeric) + sum(len(c) for c in self.categorical.values())
 
     def categorical_channels(self) -> list[int]:
-        """Indices of the one-hot channels in the side vector."""
-        index, channels = 0, []
-        for column in self.columns:
-            width = 1 if column in self.numeric else len(self.categorical[column])
-            if column in self.categorical:
-                channels.extend(range(index, index + width))
-            index += width
-        return channels
+        """Indices of the one-hot channels in the side vector (a number takes one channel)."""
+        one_hot = [column in self.categorical for column in self.columns
+                   for _ in self.categorical.get(column, [column])]
+        return [index for index, flag in enumerate(one_hot) if flag]
 
     def pick(self, row: dict[str, str]) -> dict[str, str]:
         """This model's covariates from a manifest row that may hold other columns too."""
