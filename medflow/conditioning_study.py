@@ -59,8 +59,8 @@ def train_variant(data_csv: Path, test_csv: Path, out: Path, variant: str, seed:
 
     mri_columns, side_columns = VARIANTS[variant]
     opts = TrainOptions(data=data_csv, out=out, preset=args.preset, val=test_csv, mri_columns=mri_columns,
-                        side_columns=side_columns, steps=args.steps, seed=seed, device=args.device,
-                        val_every=10**9, val_samples=0, checkpoint_every=10**9)
+                        side_columns=side_columns, steps=args.steps, batch_size=args.batch_size, seed=seed,
+                        device=args.device, val_every=10**9, val_samples=0, checkpoint_every=10**9)
     start = time.monotonic()
     trainer = Trainer(opts, reporter=lambda *_: None)
     result = {"variant": variant, "seed": seed}
@@ -160,7 +160,7 @@ def study_markdown(command: str, started: datetime, runs: list[dict], contrast: 
                              "the command", "Times in seconds.")
     return f"""{header}
 Demo data: {args.subjects} subjects (the last {args.heldout} held out, split=test), {args.data_spacing:g} mm, data seed
-{args.data_seed}. Each variant trains preset `{args.preset}` for {args.steps} steps with seeds
+{args.data_seed}. Each variant trains preset `{args.preset}` for {args.steps} steps of batch {args.batch_size} with seeds
 {', '.join(map(str, args.seeds))}; the held-out conditional PET bits per voxel (lower is better)
 come from each run's final weights on the held-out subjects, which no run trains or selects on.
 The difference column is paired by seed against T1 alone. The row "every covariate at its default"
@@ -199,6 +199,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=Path("CONDITIONING.md"), help="report file")
     parser.add_argument("--preset", default="small")
     parser.add_argument("--steps", type=int, default=400, help="training steps of every run")
+    parser.add_argument("--batch-size", type=int, default=2,
+                        help="subjects per step (2: the batch of the recorded study, whatever the preset says)")
     parser.add_argument("--seeds", default="0,1", help="comma-separated training seeds")
     parser.add_argument("--subjects", type=int, default=32)
     parser.add_argument("--heldout", type=int, default=8)
