@@ -233,7 +233,7 @@ def train_unet(trainer, budget_s: float, progress: Progress):
 
     from medflow.device import place_model
 
-    torch.manual_seed(0)
+    torch.manual_seed(trainer.opts.seed)
     net = BasicUNet(spatial_dims=3, in_channels=len(trainer.settings["mri_columns"]), out_channels=1,
                     features=(16, 16, 32, 64, 128, 16))
     net = place_model(net, trainer.device)
@@ -300,14 +300,14 @@ def score_test_subjects(tm, net, subjects, folder: Path, device: torch.device) -
     from medflow.synthesize import SynthesisOptions, synthesize_file
 
     variants = medflow_variants(tm)
-    scores = {"U-Net (MONAI BasicUNet, L1)": [], **{name: [] for name in variants}}
+    scores = {UNET: [], **{name: [] for name in variants}}
     calibration = {(truth, t, z): [] for t, n in variants.values() if n > 1
                    for truth in CALIBRATION_TRUTHS for z in coverage_zs(n)}
     for s in subjects:
         ref = read_volume(s.pet)
         mask = read_mask(s.mask, like=ref)
         pred = unet_predict(net, tm, s.mri, device)
-        scores["U-Net (MONAI BasicUNet, L1)"].append(compute_metrics(pred, ref.data, mask))
+        scores[UNET].append(compute_metrics(pred, ref.data, mask))
         for name, (temperature, samples) in variants.items():
             mean_path, std_path = folder / f"{s.subject}_mean.nii.gz", folder / f"{s.subject}_std.nii.gz"
             synthesize_file(tm, s.mri, mean_path, SynthesisOptions(temperature, samples, overwrite=True), device,
@@ -322,14 +322,38 @@ def score_test_subjects(tm, net, subjects, folder: Path, device: torch.device) -
     return {"scores": scores, "coverage": calibration, "samples": CALIBRATION_SAMPLES, "calibration": tm.calibration}
 
 
-def run_quality(budget_s: float | None, device: torch.device, elapsed_s: float, subjects: int = 32,
-                heldout: int = 8) -> dict:
-    """Demo data (``subjects``, the last ``heldout`` for testing) -> medflow ``small`` and the U-Net,
-    each trained for the same budget -> test scores."""
-    from medflow.demo_data import make_demo_dataset
+def quality_run(data_csv: Path, work: Path, budget_s: float, seed: int, device: torch.device) -> dict:
+    """medflow ``small`` and the U-Net, each trained for ``budget_s`` seconds with ``seed`` (which
+    also picks the validation subjects and the batch order) -> test scores."""
     from medflow.manifest import read_manifest
     from medflow.train import Trainer, TrainOptions
     from medflow.trained import load_trained
+
+    start = time.monotonic()
+    console.print(f"seed {seed}: training budget {budget_s:.0f} s for each model")
+    trainer = Trainer(TrainOptions(data=data_csv, out=work / "run", preset="small", time_limit=budget_s,
+                                   device=device.type, seed=seed), reporter=console.print)
+    with training_progress() as progress:
+        summary = trainer.run(progress)
+    with training_progress() as progress:
+        net, unet_steps = train_unet(trainer, budget_s, progress)
+    tm = load_trained(work / "run", device)
+    test = [s for s in read_manifest(data_csv, ["mri"]) if s.split == "test"]
+    (work / "synth").mkdir()
+    console.print(f"scoring {len(test)} held-out subjects")
+    result = score_test_subjects(tm, net, test, work / "synth", device)
+    result.update(seed=seed, budget_s=budget_s, flow_steps=summary["step"], unet_steps=unet_steps,
+                  n_train=len(trainer.train_cache), n_val=len(trainer.val_cache), n_test=len(test),
+                  grid=list(trainer.prep.grid), spacing=list(trainer.prep.spacing),
+                  batch_size=trainer.batch_size, device=str(device), seconds=time.monotonic() - start)
+    return result
+
+
+def run_quality(budget_s: float | None, device: torch.device, elapsed_s: float, seeds: int = 1,
+                subjects: int = 32, heldout: int = 8) -> list[dict]:
+    """Demo data (``subjects``, the last ``heldout`` for testing) -> ``quality_run`` for seeds
+    0 .. ``seeds`` - 1, each on the same data and budget."""
+    from medflow.demo_data import make_demo_dataset
 
     start = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="medflow-bench-") as tmp:
@@ -337,23 +361,7 @@ def run_quality(budget_s: float | None, device: torch.device, elapsed_s: float, 
         console.print(f"generating demo data ({subjects} subjects, {heldout} held out, 2 mm)")
         data_csv = make_demo_dataset(work / "data", subjects=subjects, heldout=heldout, spacing=2.0)
         budget = budget_s or quality_budget(elapsed_s + time.monotonic() - start)
-        console.print(f"training budget: {budget:.0f} s for each model")
-        trainer = Trainer(TrainOptions(data=data_csv, out=work / "run", preset="small", time_limit=budget,
-                                       device=device.type), reporter=console.print)
-        with training_progress() as progress:
-            summary = trainer.run(progress)
-        with training_progress() as progress:
-            net, unet_steps = train_unet(trainer, budget, progress)
-        tm = load_trained(work / "run", device)
-        test = [s for s in read_manifest(data_csv, ["mri"]) if s.split == "test"]
-        (work / "synth").mkdir()
-        console.print(f"scoring {len(test)} held-out subjects")
-        result = score_test_subjects(tm, net, test, work / "synth", device)
-    result.update(budget_s=budget, flow_steps=summary["step"], unet_steps=unet_steps,
-                  n_train=len(trainer.train_cache), n_val=len(trainer.val_cache), n_test=len(test),
-                  grid=list(trainer.prep.grid), spacing=list(trainer.prep.spacing),
-                  batch_size=trainer.batch_size, device=str(device), seconds=time.monotonic() - start)
-    return result
+        return [quality_run(data_csv, work / f"seed{seed}", budget, seed, device) for seed in range(seeds)]
 
 
 # ----- report -------------------------------------------------------------------------------
@@ -629,6 +637,41 @@ def quality_rows(result: dict) -> list[list[str]]:
     return rows
 
 
+UNET = "U-Net (MONAI BasicUNet, L1)"
+SEED_HEADERS = ["seed", "steps: medflow / U-Net", "T", "PSNR (dB): U-Net", "medflow", "difference",
+                "SSIM: U-Net", "medflow", "difference"]
+
+
+def seed_rows(results: list[dict]) -> list[list[str]]:
+    """Per seed: the U-Net against medflow's mean of samples at the calibrated temperature (the
+    first row of ``medflow_variants``), means over the test subjects; then the mean ± SD over seeds."""
+    rows, diffs = [], {"psnr": [], "ssim": []}
+    for r in results:
+        name = next(k for k in r["scores"] if k != UNET)
+        cells = [str(r["seed"]), f"{r['flow_steps']} / {r['unet_steps']}", f"{r['calibration']['temperature']:.2f}"
+                 if r["calibration"] else "n/a"]
+        for key, digits in (("psnr", 2), ("ssim", 3)):
+            unet, flow = (statistics.mean(m[key] for m in r["scores"][k]) for k in (UNET, name))
+            diffs[key].append(flow - unet)
+            cells += [f"{unet:.{digits}f}", f"{flow:.{digits}f}", f"{flow - unet:+.{digits}f}"]
+        rows.append(cells)
+    rows.append(["all", "", "", "", "", mean_sd(diffs["psnr"], 2), "", "", mean_sd(diffs["ssim"], 3)])
+    return rows
+
+
+def seeds_markdown(results: list[dict]) -> str:
+    return f"""### Over {len(results)} seeds
+
+The same comparison repeated with seeds 0 to {len(results) - 1} (`--quality-seeds`) on the same data and
+budget: the seed sets both models' initialisation and batch order and medflow's validation
+subjects (so also its training subjects and calibrated temperature). medflow is its mean of
+{results[0]['samples']} samples at the calibrated temperature; "difference" is medflow minus the U-Net,
+its last row the mean ± SD over seeds.
+
+{md_table(SEED_HEADERS, seed_rows(results))}
+"""
+
+
 def calibration_text(cal: dict | None) -> str:
     from medflow.trained import DEFAULT_TEMPERATURE
 
@@ -656,10 +699,10 @@ Demo data from `medflow.demo_data.make_demo_dataset` (32 subjects at 2 mm, 8 hel
 {volume_text(result['grid'])}, batch {result['batch_size']}) and a MONAI `BasicUNet` (features 16, 16, 32,
 64, 128, 16; L1 loss from scaled MRI to scaled PET; AdamW, lr 1e-3) each trained for
 {result['budget_s']:.0f} s of wall-clock time on the same batches (same preprocessing, augmentation
-and batch size): {result['flow_steps']} medflow steps, {result['unet_steps']} U-Net steps. Predictions on the
+and batch size; seed {result['seed']}): {result['flow_steps']} medflow steps, {result['unet_steps']} U-Net steps. Predictions on the
 test subjects are mapped back to each subject's own grid (`medflow.synthesize.to_native_grid`)
 and scored inside its brain mask by `medflow.metrics.compute_metrics`; mean ± SD over the
-{result['n_test']} test subjects. This section took {result['seconds'] / 60:.1f} min.
+{result['n_test']} test subjects. Training, synthesis and scoring took {result['seconds'] / 60:.1f} min.
 
 {md_table(QUALITY_HEADERS, quality_rows(result))}
 
@@ -696,8 +739,9 @@ PART_PATTERN = re.compile(r"^<!-- medflow bench: (\w+) -->\n", re.M)
 
 
 def write_report(path: Path, part: str, text: str) -> None:
-    """Write ``text`` as the ``part`` (``cpu`` or ``cuda``: the device the run measured) of the report
-    at ``path``, keeping the other part: a GPU run does not erase the CPU numbers, nor the reverse."""
+    """Write ``text`` as the ``part`` (``cpu`` or ``cuda``: the device the run measured; ``cpu_seeds``
+    or ``cuda_seeds`` for a run with ``--quality-seeds`` above 1) of the report at ``path``, keeping the
+    other parts: a GPU run does not erase the CPU numbers, nor the reverse."""
     parts = {}
     if path.exists():
         pieces = PART_PATTERN.split(path.read_text())
@@ -718,6 +762,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--quality-budget", type=float, default=None,
                         help="training seconds per model in the quality section "
                              f"(default: what keeps the whole run within {TOTAL_BUDGET_S / 60:.0f} min)")
+    parser.add_argument("--quality-seeds", type=int, default=1,
+                        help="repeat the quality section with seeds 0 .. N-1 and add a table over seeds; "
+                             "needs --quality-budget when N > 1 (each seed takes about 2 x budget + 5 min)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                         help="device of every section; the report keeps one part per device (cpu, cuda)")
     args = parser.parse_args(argv)
@@ -729,6 +776,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     unknown = set(args.sections) - {"speed", "synthesis", "tuning", "quality"}
     if unknown:
         parser.error(f"unknown section(s): {', '.join(sorted(unknown))}")
+    if args.quality_seeds < 1:
+        parser.error("--quality-seeds must be at least 1")
+    if args.quality_seeds > 1 and args.quality_budget is None:
+        parser.error("--quality-seeds above 1 needs --quality-budget (the default fits one seed in "
+                     f"{TOTAL_BUDGET_S / 60:.0f} min)")
     if args.quick and "quality" in args.sections:
         args.sections.remove("quality")
     return args
@@ -770,11 +822,14 @@ def tuning_section(quick: bool, device: str, timeout_s: float) -> str:
     return tuning_markdown(results, device, load)
 
 
-def quality_section(budget_s: float | None, device: str, elapsed_s: float) -> str:
+def quality_section(budget_s: float | None, device: str, elapsed_s: float, seeds: int) -> str:
     """Train, synthesize and score on the demo data; returns the markdown section."""
-    result = run_quality(budget_s, torch.device(device), elapsed_s)
-    show("quality", QUALITY_HEADERS, quality_rows(result))
-    return quality_markdown(result)
+    results = run_quality(budget_s, torch.device(device), elapsed_s, seeds)
+    show("quality", QUALITY_HEADERS, quality_rows(results[0]))
+    if len(results) == 1:
+        return quality_markdown(results[0])
+    show("over seeds", SEED_HEADERS, seed_rows(results))
+    return quality_markdown(results[0]) + "\n" + seeds_markdown(results)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -785,17 +840,21 @@ def main(argv: list[str] | None = None) -> None:
     command = shlex.join(["python", "-m", "medflow.bench", *(sys.argv[1:] if argv is None else argv)])
     machine = machine_info()
     title = f"medflow benchmarks on {machine['gpu']}" if device == "cuda" else "medflow benchmarks on CPU"
+    part = device
+    if args.quality_seeds > 1:  # kept beside the device's standard run, not over it
+        title, part = f"{title}: quality over {args.quality_seeds} seeds", f"{device}_seeds"
     parts = [header_markdown(command, machine, versions(), started, title=title)]
     timeout = 180.0 if args.quick else 300.0 if device == "cuda" else 900.0
     sections = {"speed": lambda: speed_section(args.quick, device, timeout),
                 "synthesis": lambda: synthesis_section(args.quick, device, timeout),
                 "tuning": lambda: tuning_section(args.quick, device, timeout),
-                "quality": lambda: quality_section(args.quality_budget, device, time.monotonic() - clock)}
+                "quality": lambda: quality_section(args.quality_budget, device, time.monotonic() - clock,
+                                                          args.quality_seeds)}
     for name in args.sections:
         parts.append(sections[name]())
-        write_report(args.out, device, "\n".join(parts))
+        write_report(args.out, part, "\n".join(parts))
     parts.append(f"Total time of this run: {(time.monotonic() - clock) / 60:.1f} min.\n")
-    write_report(args.out, device, "\n".join(parts))
+    write_report(args.out, part, "\n".join(parts))
     console.print(f"wrote {args.out} in {(time.monotonic() - clock) / 60:.1f} min")
 
 

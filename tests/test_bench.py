@@ -97,8 +97,9 @@ def test_quality_markdown_and_level_matching():
                                             "target": 0.86, "coverage": 0.855},
               "budget_s": 60.0,
               "flow_steps": 10, "unet_steps": 20, "n_train": 22, "n_val": 2, "n_test": 2, "grid": [48, 56, 48],
-              "spacing": [4.0, 4.0, 4.0], "batch_size": 2, "device": "cpu", "seconds": 120.0}
+              "spacing": [4.0, 4.0, 4.0], "batch_size": 2, "device": "cpu", "seconds": 120.0, "seed": 0}
     text = bench.quality_markdown(result)
+    assert "seed 0)" in text
     assert "| U-Net | 20.00 ± 0.00 | 0.800 ± 0.000 |" in text
     assert "| true PET | 0.5 | mean ± 1.645 std | 81.0 | 85.0 ± 7.1 |" in text
     assert "The calibrated temperature T = 1.25" in text and "reached 85.5 %" in text
@@ -109,9 +110,27 @@ def test_quality_markdown_and_level_matching():
     assert np.allclose(matched, 0.5 * truth)
 
 
+def test_seed_rows_compare_medflow_with_the_unet_per_seed_and_over_seeds():
+    def result(seed, unet_psnr, flow_psnr):
+        return {"seed": seed, "flow_steps": 10, "unet_steps": 8, "calibration": {"temperature": 1.2}, "samples": 16,
+                "scores": {bench.UNET: [{"psnr": unet_psnr, "ssim": 0.8}] * 2,
+                           "medflow, mean of 16 samples": [{"psnr": flow_psnr, "ssim": 0.9}] * 2,
+                           "medflow, T=0 (prior mean)": [{"psnr": 0.0, "ssim": 0.0}] * 2}}
+
+    rows = bench.seed_rows([result(0, 20.0, 20.5), result(1, 21.0, 20.5)])
+    assert rows[0] == ["0", "10 / 8", "1.20", "20.00", "20.50", "+0.50", "0.800", "0.900", "+0.100"]
+    assert rows[1][3:6] == ["21.00", "20.50", "-0.50"]
+    assert rows[2][5] == "0.00 ± 0.71" and rows[2][8] == "0.100 ± 0.000"
+    assert "seeds 0 to 1" in bench.seeds_markdown([result(0, 20.0, 20.5), result(1, 21.0, 20.5)])
+
+
 def test_quality_run_end_to_end_on_a_tiny_cohort():
-    """Both models train on the flow's own batches; every method is scored on the held-out subject."""
-    result = bench.run_quality(2.0, torch.device("cpu"), 0.0, subjects=7, heldout=1)
+    """Both models train on the flow's own batches; every method is scored on the held-out subject;
+    a second seed trains both again on the same data."""
+    results = bench.run_quality(2.0, torch.device("cpu"), 0.0, seeds=2, subjects=7, heldout=1)
+    assert [r["seed"] for r in results] == [0, 1]
+    assert "| all |" in bench.seeds_markdown(results)
+    result = results[0]
     assert result["flow_steps"] >= 1 and result["unet_steps"] >= 1 and result["n_test"] == 1
     assert result["n_val"] == 1 and 0.05 <= result["calibration"]["temperature"] <= 4.0
     assert len(result["scores"]) == 5 and sum("(calibrated)" in name for name in result["scores"]) == 2
@@ -129,6 +148,9 @@ def test_arguments_and_budget():
     assert bench.parse_args(["--device", "cpu"]).sections == ["speed", "synthesis", "quality"]
     with pytest.raises(SystemExit):
         bench.parse_args(["--sections", "speed,nonsense"])
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--quality-seeds", "3"])
+    assert bench.parse_args(["--quality-seeds", "3", "--quality-budget", "500"]).quality_seeds == 3
     assert bench.quality_budget(0.0) > bench.quality_budget(600.0) >= bench.MIN_QUALITY_BUDGET_S
     assert bench.quality_budget(10 * bench.TOTAL_BUDGET_S) == bench.MIN_QUALITY_BUDGET_S
 
@@ -163,3 +185,8 @@ def test_report_keeps_one_part_per_device(tmp_path):
     text = report.read_text()
     assert text.index("# on the CPU") < text.index("# on the GPU")
     assert "second run" in text and "first run" not in text and text.count("<!-- medflow bench:") == 2
+    bench.write_report(report, "cpu_seeds", "# quality over seeds\n")
+    bench.write_report(report, "cpu", "# on the CPU, again\n")
+    text = report.read_text()
+    assert text.index("# on the CPU, again") < text.index("# quality over seeds") < text.index("second run")
+    assert text.count("<!-- medflow bench:") == 3
