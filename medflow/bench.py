@@ -5,8 +5,9 @@ autograd vs the memory-saving backward, and the FrEIA-built peer of ``medflow.pe
 ``synthesis`` (latency of ``DualGlow.sample`` for 1 and 8 samples), ``tuning`` (bf16 subnets,
 ``torch.compile`` and the largest training batch; meant for a GPU) and ``quality`` (medflow
 ``small`` and a MONAI U-Net trained for the same wall-clock budget on the demo data, scored
-on its held-out subjects). ``--quick`` runs small sizes only and skips quality (< 3 min).
-Every section runs on ``--device``; the report keeps one part per device (cpu, cuda).
+on its held-out subjects; ``--quality-seeds`` repeats it over seeds). ``--quick`` runs small
+sizes only and skips quality (< 3 min). Every section runs on ``--device``; the report keeps
+one part per device (cpu, cuda) and one per device for runs over several seeds (cpu_seeds).
 
 Every speed and latency number comes from a fresh worker process (``medflow.measure``), so
 peak memories do not mix. Times are in seconds, memories in MiB."""
@@ -840,10 +841,10 @@ def main(argv: list[str] | None = None) -> None:
     command = shlex.join(["python", "-m", "medflow.bench", *(sys.argv[1:] if argv is None else argv)])
     machine = machine_info()
     title = f"medflow benchmarks on {machine['gpu']}" if device == "cuda" else "medflow benchmarks on CPU"
-    part = device
+    part, rerun = device, "`make bench`"
     if args.quality_seeds > 1:  # kept beside the device's standard run, not over it
-        title, part = f"{title}: quality over {args.quality_seeds} seeds", f"{device}_seeds"
-    parts = [header_markdown(command, machine, versions(), started, title=title)]
+        title, part, rerun = f"{title}: quality over {args.quality_seeds} seeds", f"{device}_seeds", "that command"
+    parts = [header_markdown(command, machine, versions(), started, title=title, rerun=rerun)]
     timeout = 180.0 if args.quick else 300.0 if device == "cuda" else 900.0
     sections = {"speed": lambda: speed_section(args.quick, device, timeout),
                 "synthesis": lambda: synthesis_section(args.quick, device, timeout),
