@@ -190,3 +190,16 @@ def test_report_keeps_one_part_per_device(tmp_path):
     text = report.read_text()
     assert text.index("# on the CPU, again") < text.index("# quality over seeds") < text.index("second run")
     assert text.count("<!-- medflow bench:") == 3
+
+
+def test_a_run_over_seeds_writes_its_own_part(tmp_path, monkeypatch):
+    """``--quality-seeds`` above 1 lands in the cpu_seeds part and leaves the standard run's cpu part."""
+    report = tmp_path / "BENCHMARKS.md"
+    bench.write_report(report, "cpu", "# medflow benchmarks on CPU\nstandard run\n")
+    monkeypatch.setattr(bench, "quality_section", lambda budget, device, elapsed, seeds: f"quality x{seeds}\n")
+    bench.main(["--device", "cpu", "--sections", "quality", "--quality-seeds", "2", "--quality-budget", "1",
+                "--out", str(report)])
+    text = report.read_text()
+    assert "standard run" in text and "quality x2" in text
+    assert "<!-- medflow bench: cpu_seeds -->\n# medflow benchmarks on CPU: quality over 2 seeds" in text
+    assert "re-run that command to refresh" in text
