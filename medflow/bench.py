@@ -765,7 +765,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              f"(default: what keeps the whole run within {TOTAL_BUDGET_S / 60:.0f} min)")
     parser.add_argument("--quality-seeds", type=int, default=1,
                         help="repeat the quality section with seeds 0 .. N-1 and add a table over seeds; "
-                             "needs --quality-budget when N > 1 (each seed takes about 2 x budget + 5 min)")
+                             "needs --quality-budget when N > 1 (each seed takes about 2 x budget + 3 min on 2 CPU cores)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                         help="device of every section; the report keeps one part per device (cpu, cuda)")
     args = parser.parse_args(argv)
@@ -784,6 +784,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                      f"{TOTAL_BUDGET_S / 60:.0f} min)")
     if args.quick and "quality" in args.sections:
         args.sections.remove("quality")
+    if args.quality_seeds > 1 and "quality" not in args.sections:
+        parser.error("--quality-seeds above 1 needs the quality section (and no --quick)")
     return args
 
 
@@ -850,7 +852,7 @@ def main(argv: list[str] | None = None) -> None:
                 "synthesis": lambda: synthesis_section(args.quick, device, timeout),
                 "tuning": lambda: tuning_section(args.quick, device, timeout),
                 "quality": lambda: quality_section(args.quality_budget, device, time.monotonic() - clock,
-                                                          args.quality_seeds)}
+                                                   args.quality_seeds)}
     for name in args.sections:
         parts.append(sections[name]())
         write_report(args.out, part, "\n".join(parts))

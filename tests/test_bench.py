@@ -151,6 +151,8 @@ def test_arguments_and_budget():
     with pytest.raises(SystemExit):
         bench.parse_args(["--quality-seeds", "3"])
     assert bench.parse_args(["--quality-seeds", "3", "--quality-budget", "500"]).quality_seeds == 3
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--quality-seeds", "3", "--quality-budget", "500", "--sections", "speed"])
     assert bench.quality_budget(0.0) > bench.quality_budget(600.0) >= bench.MIN_QUALITY_BUDGET_S
     assert bench.quality_budget(10 * bench.TOTAL_BUDGET_S) == bench.MIN_QUALITY_BUDGET_S
 
