@@ -54,3 +54,17 @@ def test_other_convolutions_use_torch_conv():
 
 def test_few_voxels_and_a_large_weight_stay_on_torch_conv():
     assert not Conv3d(64, 512, 3, padding=1)._runs_on_onednn(torch.randn(1, 64, 2, 2, 2))
+
+
+def test_compiled_conv_uses_torch_conv_and_matches_eager():
+    """Under torch.compile the oneDNN route (an op without a shape function for the tracer) is left
+    to the compiler: a batch-1 CPU input that eager mode sends to oneDNN compiles and gives its values."""
+    ours, ref = pair(4, 6, 3, True, False)
+    x = torch.randn(1, 4, 6, 5, 7)
+    assert ours._runs_on_onednn(x)
+    compiled = torch.compile(ours.forward)
+    y = compiled(x.requires_grad_())
+    y.sum().backward()
+    ref(x.detach().clone().requires_grad_()).sum().backward()
+    assert torch.allclose(y, ref(x.detach()), atol=1e-5)
+    assert torch.allclose(ours.weight.grad, ref.weight.grad, rtol=1e-4, atol=1e-4)

@@ -13,8 +13,8 @@ the weight, which at a flow's top levels (a few voxels, large weights) is most o
 BENCHMARKS.md (section 1) times medflow's batch-1 training step against the FrEIA peer's,
 whose subnets use ``torch.nn.Conv3d``. Values equal ``torch.nn.Conv3d``'s up to float
 rounding; every other case (other devices, dtypes, autocast, batches > 1, inputs PyTorch
-already sends to oneDNN, convolutions that are not stride-1 "same" convolutions) runs
-``torch.nn.Conv3d`` unchanged.
+already sends to oneDNN, convolutions that are not stride-1 "same" convolutions, code that
+``torch.compile`` traces, whose compiler picks its own convolution) runs ``torch.nn.Conv3d`` unchanged.
 """
 
 from __future__ import annotations
@@ -66,7 +66,8 @@ class Conv3d(nn.Conv3d):
                           and all(k % 2 == 1 and p == k // 2 for k, p in zip(self.kernel_size, self.padding)))
 
     def _runs_on_onednn(self, x: torch.Tensor) -> bool:
-        return (self.same_size and x.device.type == "cpu" and x.shape[0] == 1 and x.dtype == torch.float32
+        return (self.same_size and not torch.compiler.is_compiling() and x.device.type == "cpu"
+                and x.shape[0] == 1 and x.dtype == torch.float32
                 and x.shape[1] * x.shape[2] * x.shape[3] <= IM2COL_MAX
                 and x.shape[2] * x.shape[3] * x.shape[4] >= self.weight[:, 0].numel()
                 and self.weight.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
