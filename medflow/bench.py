@@ -2,8 +2,8 @@
 
 Sections (``--sections``): ``speed`` (training step of ``small`` and ``dualglow3d``, plain
 autograd vs the memory-saving backward, and the FrEIA-built peer of ``medflow.peer_flow``),
-``synthesis`` (latency of ``DualGlow.sample`` for 1 and 8 samples), ``tuning`` (bf16 subnets,
-``torch.compile`` and the largest training batch; meant for a GPU) and ``quality`` (medflow
+``synthesis`` (latency of ``DualGlow.sample`` for 1 and 8 samples), ``tuning`` (bf16 subnets and
+``torch.compile``), ``batch`` (the largest training batch; both meant for a GPU) and ``quality`` (medflow
 ``small`` and a MONAI U-Net trained for the same wall-clock budget on the demo data, scored
 on its held-out subjects; ``--quality-seeds`` repeats it over seeds). ``--quick`` runs small
 sizes only and skips quality (< 3 min). Every section runs on ``--device``; the report keeps
@@ -199,16 +199,21 @@ def synthesis_cases(quick: bool, device: str) -> list[Case]:
 PRECISIONS = ({}, {"bf16": True})  # fp32 and bf16 coupling subnets
 
 
-def tuning_cases(quick: bool, device: str) -> tuple[list[Case], list[Case], list[Case]]:
-    """Per preset of ``speed_configs``: medflow's training step in fp32 and with bf16 subnets; the
-    searches for the largest batch that fits in each precision (timed then with 2 steps); and,
-    slowest to run, the fp32 step with ``torch.compile`` (two warm-up steps: the first compiles)."""
-    search = {"task": "max_batch", "timed": 2, "batch": 2 if quick else MAX_BATCH}
+def tuning_cases(quick: bool, device: str) -> list[Case]:
+    """Per preset of ``speed_configs``: medflow's training step in fp32 and with bf16 subnets, then
+    the fp32 step with ``torch.compile`` (two warm-up steps: the first compiles)."""
     configs = speed_configs(quick, device)
     eager = [train_case(c, device, **v) for c in configs for v in PRECISIONS]
-    searches = [train_case(c, device, **search, **v) for c in configs for v in PRECISIONS]
-    compiled = [train_case(c, device, compiled=True, warmup=2) for c in configs]
-    return eager, searches, compiled
+    return eager + [train_case(c, device, compiled=True, warmup=2) for c in configs]
+
+
+def batch_cases(quick: bool, device: str) -> tuple[list[Case], list[Case]]:
+    """Per preset of ``speed_configs``: the plain fp32 step at batch 1 (the base of per-volume
+    ratios) and the searches for the largest batch that fits in each precision (timed then with 2 steps)."""
+    search = {"task": "max_batch", "timed": 2, "batch": 2 if quick else MAX_BATCH}
+    configs = speed_configs(quick, device)
+    return ([train_case(c, device) for c in configs],
+            [train_case(c, device, **search, **v) for c in configs for v in PRECISIONS])
 
 
 def at_largest_batch(searches: list[Case], found: list[dict]) -> list[Case]:
@@ -549,29 +554,30 @@ BATCH_HEADERS = ["preset", "volume (voxels)", "variant", "largest batch", "step 
 
 
 @dataclass
-class TuningResults:
-    """The tuning section's measurements: batch-1 steps (``tuning_cases``' eager and compiled ones),
-    the batch-size searches, and the steps timed at each search's largest batch (in search order,
-    for the searches that found one)."""
+class BatchResults:
+    """The batch section's measurements: each preset's plain fp32 step at batch 1, the batch-size
+    searches, and the steps timed at each search's largest batch (in search order, for the
+    searches that found one)."""
 
-    steps: list[tuple[Case, dict]]
+    references: list[tuple[Case, dict]]
     searches: list[tuple[Case, dict]]
     at_largest: list[dict]
 
-    def reference(self) -> dict[str, dict]:
-        """preset: its plain fp32 eager step at batch 1, the base of the ratios."""
-        return {c.preset: r for c, r in self.steps if not (c.bf16 or c.compiled)}
+
+def fp32_eager(steps: list[tuple[Case, dict]]) -> dict[str, dict]:
+    """preset: its plain fp32 eager step at batch 1 among ``steps``, the base of the ratios."""
+    return {c.preset: r for c, r in steps if not (c.bf16 or c.compiled or c.recompute)}
 
 
 def failed_row(head: list[str], error: str, headers: list[str]) -> list[str]:
     return head + ["failed: " + error] + [""] * (len(headers) - len(head) - 1)
 
 
-def step_rows(results: TuningResults) -> list[list[str]]:
+def step_rows(steps: list[tuple[Case, dict]]) -> list[list[str]]:
     """The step-time table; ratios to the same preset's plain fp32 eager step."""
-    reference = results.reference()
+    reference = fp32_eager(steps)
     rows = []
-    for case, r in results.steps:
+    for case, r in steps:
         head = [case.preset, volume_text(case.shape), case.variant]
         if "error" in r:
             rows.append(failed_row(head, r["error"], TUNING_HEADERS))
@@ -581,9 +587,9 @@ def step_rows(results: TuningResults) -> list[list[str]]:
     return rows
 
 
-def batch_rows(results: TuningResults) -> list[list[str]]:
+def batch_rows(results: BatchResults) -> list[list[str]]:
     """The largest-batch table; per-volume times against the preset's plain fp32 step at batch 1."""
-    reference = results.reference()
+    reference = fp32_eager(results.references)
     timed = iter(results.at_largest)
     rows = []
     for case, found in results.searches:
@@ -602,21 +608,30 @@ def batch_rows(results: TuningResults) -> list[list[str]]:
     return rows
 
 
-def tuning_markdown(results: TuningResults, device: str, load: str) -> str:
-    return f"""## 4. Precision, torch.compile and batch size ({device})
+def tuning_markdown(steps: list[tuple[Case, dict]], device: str, load: str) -> str:
+    return f"""## 4. Precision and torch.compile ({device})
 
 medflow's training step as in section 1 (batch 1, median over the timed steps after the
 untimed warm-up; "initialisation + first step" is the ActNorm-initialising forward without
 gradients and the first training step, so compilation is included) with: the coupling subnets in
 bfloat16 (`medflow train --bf16`: autocast inside the subnets, invertible arithmetic and
 log-determinants in float32); `torch.compile` of every coupling and injector subnet
-(`DualGlow.compile_subnets`, default inductor mode, two warm-up steps). Largest batch: training
-steps on growing batches (doubling from 1, then bisection to within an eighth, at most {MAX_BATCH}),
-all in one process, until the device runs out of memory; then, in a fresh process, 2 steps timed
-at the largest batch that fitted, with their peak memory. "Per volume / fp32 batch 1" below 1:
-larger batches use the device better. 1-minute load average when the section started: {load}.
+(`DualGlow.compile_subnets`, default inductor mode, two warm-up steps). 1-minute load average
+when the section started: {load}.
 
-{md_table(TUNING_HEADERS, step_rows(results))}
+{md_table(TUNING_HEADERS, step_rows(steps))}
+"""
+
+
+def batch_markdown(results: BatchResults, device: str, load: str) -> str:
+    return f"""## 5. Largest training batch ({device})
+
+Training steps as in section 1 on growing batches (doubling from 1, then bisection to within an
+eighth, at most {MAX_BATCH}), all in one process, until the device runs out of memory; then, in a
+fresh process, 2 steps timed at the largest batch that fitted, with their peak memory. "Per
+volume / fp32 batch 1" divides the time per volume by the plain fp32 step at batch 1, timed in
+this section; below 1, larger batches use the device better. 1-minute load average when the
+section started: {load}.
 
 {md_table(BATCH_HEADERS, batch_rows(results))}
 """
@@ -757,9 +772,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="small sizes only, no quality section (< 3 min)")
     parser.add_argument("--out", type=Path, default=Path("BENCHMARKS.md"), help="report file")
     parser.add_argument("--sections", default=None,
-                        help="comma-separated subset of speed,synthesis,tuning,quality (tuning: bf16, "
-                             "torch.compile and the largest batch). Default: speed,synthesis,quality on "
-                             "CPU, speed,synthesis,tuning on a GPU")
+                        help="comma-separated sections, run in the order given, each written to the report "
+                             "as it ends: speed, synthesis, tuning (bf16 and torch.compile), batch (the "
+                             "largest training batch), quality. Default: speed,synthesis,quality on CPU, "
+                             "speed,synthesis,tuning,batch on a GPU")
     parser.add_argument("--quality-budget", type=float, default=None,
                         help="training seconds per model in the quality section "
                              f"(default: what keeps the whole run within {TOTAL_BUDGET_S / 60:.0f} min)")
@@ -772,9 +788,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.sections is None:
-        args.sections = "speed,synthesis,tuning" if args.device == "cuda" else "speed,synthesis,quality"
+        args.sections = "speed,synthesis,tuning,batch" if args.device == "cuda" else "speed,synthesis,quality"
     args.sections = [s.strip() for s in args.sections.split(",") if s.strip()]
-    unknown = set(args.sections) - {"speed", "synthesis", "tuning", "quality"}
+    unknown = set(args.sections) - {"speed", "synthesis", "tuning", "batch", "quality"}
     if unknown:
         parser.error(f"unknown section(s): {', '.join(sorted(unknown))}")
     if args.quality_seeds < 1:
@@ -811,18 +827,24 @@ def synthesis_section(quick: bool, device: str, timeout_s: float) -> str:
 
 
 def tuning_section(quick: bool, device: str, timeout_s: float) -> str:
-    """Run the precision, compilation and batch-size measurements; returns the markdown section."""
+    """Run the precision and compilation measurements; returns the markdown section."""
     load = load_text()
-    eager, searches, compiled = tuning_cases(quick, device)
-    eager_results = run_cases(eager, timeout_s)
+    cases = tuning_cases(quick, device)
+    steps = list(zip(cases, run_cases(cases, timeout_s)))
+    show("precision and torch.compile", TUNING_HEADERS, step_rows(steps))
+    return tuning_markdown(steps, device, load)
+
+
+def batch_section(quick: bool, device: str, timeout_s: float) -> str:
+    """Run the batch-size searches and the steps at the largest batches; returns the markdown section."""
+    load = load_text()
+    references, searches = batch_cases(quick, device)
+    reference_results = run_cases(references, timeout_s)
     found = run_cases(searches, timeout_s)
-    at_largest = run_cases(at_largest_batch(searches, found), timeout_s)
-    compiled_results = run_cases(compiled, timeout_s)  # last: compiling is the slowest part
-    results = TuningResults(list(zip(eager + compiled, eager_results + compiled_results)),
-                            list(zip(searches, found)), at_largest)
-    show("precision and torch.compile", TUNING_HEADERS, step_rows(results))
+    results = BatchResults(list(zip(references, reference_results)), list(zip(searches, found)),
+                           run_cases(at_largest_batch(searches, found), timeout_s))
     show("largest batch", BATCH_HEADERS, batch_rows(results))
-    return tuning_markdown(results, device, load)
+    return batch_markdown(results, device, load)
 
 
 def quality_section(budget_s: float | None, device: str, elapsed_s: float, seeds: int) -> str:
@@ -851,6 +873,7 @@ def main(argv: list[str] | None = None) -> None:
     sections = {"speed": lambda: speed_section(args.quick, device, timeout),
                 "synthesis": lambda: synthesis_section(args.quick, device, timeout),
                 "tuning": lambda: tuning_section(args.quick, device, timeout),
+                "batch": lambda: batch_section(args.quick, device, timeout),
                 "quality": lambda: quality_section(args.quality_budget, device, time.monotonic() - clock,
                                                    args.quality_seeds)}
     for name in args.sections:

@@ -144,7 +144,8 @@ def test_arguments_and_budget():
     args = bench.parse_args(["--quick"])
     assert args.sections == ["speed", "synthesis"]
     assert bench.parse_args(["--sections", "tuning"]).sections == ["tuning"]
-    assert bench.parse_args(["--device", "cuda"]).sections == ["speed", "synthesis", "tuning"]
+    assert bench.parse_args(["--device", "cuda"]).sections == ["speed", "synthesis", "tuning", "batch"]
+    assert bench.parse_args(["--sections", "batch,speed"]).sections == ["batch", "speed"]
     assert bench.parse_args(["--device", "cpu"]).sections == ["speed", "synthesis", "quality"]
     with pytest.raises(SystemExit):
         bench.parse_args(["--sections", "speed,nonsense"])
@@ -157,26 +158,31 @@ def test_arguments_and_budget():
     assert bench.quality_budget(10 * bench.TOTAL_BUDGET_S) == bench.MIN_QUALITY_BUDGET_S
 
 
-def test_tuning_tables_give_ratios_to_fp32_eager_and_show_failures():
-    eager, searches, compiled = bench.tuning_cases(quick=True, device="cpu")
-    assert [c.variant for c in eager[:2]] == ["plain, fp32", "plain, bf16 subnets"]
-    assert all(c.compiled and not c.bf16 and c.warmup == 2 for c in compiled) and len(compiled) == 2
+def test_tuning_and_batch_tables_give_ratios_to_fp32_eager_and_show_failures():
+    cases = bench.tuning_cases(quick=True, device="cpu")
+    assert [c.variant for c in cases[:2]] == ["plain, fp32", "plain, bf16 subnets"]
+    compiled = [c for c in cases if c.compiled]
+    assert all(not c.bf16 and c.warmup == 2 for c in compiled) and len(compiled) == 2 and cases[-2:] == compiled
+    step = {"median_s": 2.0, "init_s": 1.0, "first_s": 3.0, "above_baseline_mib": 100.0}
+    step_results = [step, {**step, "median_s": 1.0}, {"error": "timed out"}, step, step, step]
+    text = bench.tuning_markdown(list(zip(cases, step_results)), "cpu", load="0.1")
+    assert "| small | 32x32x32 | plain, bf16 subnets | 1.000 | 4.0 | 100 | 0.50 |" in text
+    assert "| small | 32x32x32 | plain, fp32, torch.compile | 2.000 | 4.0 | 100 | 1.00 |" in text
+    assert "failed: timed out" in text
+
+    references, searches = bench.batch_cases(quick=True, device="cpu")
+    assert [c.variant for c in references] == ["plain, fp32"] * 2 and all(c.batch == 1 for c in references)
     assert [c.variant for c in searches[:2]] == ["plain, fp32", "plain, bf16 subnets"]
     assert all(c.task == "max_batch" for c in searches)
-    step = {"median_s": 2.0, "init_s": 1.0, "first_s": 3.0, "above_baseline_mib": 100.0}
-    step_results = [step, {**step, "median_s": 1.0}, {"error": "timed out"}, step]
     found = [{"max_batch": 4, "limit": "batch 5: out of memory"}, {"error": "batch 1: out of memory"},
              {"max_batch": 2, "limit": "the search's cap 2"}, {"max_batch": 2, "limit": "cap"}]
     timed = bench.at_largest_batch(searches, found)
     assert [c.batch for c in timed] == [4, 2, 2] and all(c.task == "train" for c in timed)
     at_largest = [{**step, "median_s": 4.0}, {"error": "out of cpu memory"}, step]
-    results = bench.TuningResults(list(zip(eager + compiled, step_results + [step] * len(compiled))),
-                                  list(zip(searches, found)), at_largest)
-    text = bench.tuning_markdown(results, "cpu", load="0.1")
-    assert "| small | 32x32x32 | plain, bf16 subnets | 1.000 | 4.0 | 100 | 0.50 |" in text
+    results = bench.BatchResults(list(zip(references, [step, step])), list(zip(searches, found)), at_largest)
+    text = bench.batch_markdown(results, "cpu", load="0.1")
     assert "| small | 32x32x32 | plain, fp32 | 4 | 4.000 | 1.000 | 0.50 | 100 | batch 5: out of memory |" in text
     assert "failed: batch 1: out of memory" in text and "failed: out of cpu memory (fresh process)" in text
-    assert "failed: timed out" in text
 
 
 def test_report_keeps_one_part_per_device(tmp_path):
