@@ -178,10 +178,15 @@ class DualGlow(nn.Module):
     def compile_subnets(self) -> None:
         """``torch.compile`` the forward of every 3D conv subnet (couplings and injector: nearly all
         the arithmetic); the invertible maths and log-determinants stay eager, parameter names
-        unchanged. (``nn.Module.compile`` is not used: with torch 2.13 its modules ran uncompiled.)"""
-        for module in self.modules():
-            if isinstance(module, (AffineCoupling, ConditionalAffine)):
-                module.net.forward = torch.compile(module.net.forward)
+        unchanged. (``nn.Module.compile`` is not used: with torch 2.13 its modules ran uncompiled.)
+        All subnets share one ``forward`` code object, and torch.compile keeps one graph per shape
+        signature on it, up to ``torch._dynamo.config.cache_size_limit`` (8 by default), past which
+        it silently runs eager; the limit is raised to the number of subnets, a bound on their
+        signatures (``small`` has 7 and ``dualglow3d`` 4, but ``small`` with a fourth level has 9)."""
+        subnets = [m.net for m in self.modules() if isinstance(m, (AffineCoupling, ConditionalAffine))]
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, len(subnets))
+        for net in subnets:
+            net.forward = torch.compile(net.forward)
 
     def encode_mri(self, mri: torch.Tensor):
         """log p(mri) [B] in nats and the MRI encoding (latents and features)."""
