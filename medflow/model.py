@@ -16,7 +16,7 @@ from medflow.errors import ModelError
 from medflow.flows.coupling import AffineCoupling
 from medflow.flows.covariate_scale import CovariateScale
 from medflow.flows.glow import SQUEEZES, Glow3d
-from medflow.flows.injector import ConditionalAffine
+from medflow.flows.injector import INJECTOR_NETS, ConditionalAffine
 from medflow.presets import load_preset
 
 
@@ -46,7 +46,9 @@ class DualGlowConfig:
     conditional affine transform ``(pet - mu) * exp(-log_s)`` whose ``mu`` and ``log_s`` a
     conv net of this width computes at full resolution from the MRI (with the condition
     encoder's finest features, where present): SRFlow's affine
-    injector, so the flows model PET relative to an MRI-based estimate; lam: weight of
+    injector, so the flows model PET relative to an MRI-based estimate; injector_net: that
+    net, ``conv`` (three convolutions, a 5-voxel receptive field) or ``unet`` (a MONAI
+    BasicUNet, whole-volume receptive field, grids of at least 32 voxels per axis); lam: weight of
     log p(MRI); n_bins: quantisation levels per unit intensity used for bits per voxel.
     """
 
@@ -65,6 +67,7 @@ class DualGlowConfig:
     side_map_channels: list[int] | None = None
     side_adversary: float = 0.1
     injector_width: int = 0
+    injector_net: str = "conv"
     lam: float = 0.001
     n_bins: int = 256
 
@@ -96,6 +99,8 @@ class DualGlowConfig:
                              f"({self.side_channels}), got {self.side_map_channels}")
         if self.condition_width < 0 or self.injector_width < 0:
             raise ModelError("condition_width and injector_width must be >= 0 (0 turns them off)")
+        if self.injector_net not in INJECTOR_NETS:
+            raise ModelError(f"injector_net must be one of {list(INJECTOR_NETS)}, got {self.injector_net!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -139,8 +144,8 @@ class DualGlow(nn.Module):
             learn_prior_scale=c.prior == "mean_scale",
         )
         injector_cond = c.mri_channels + c.condition_width
-        self.injector = (ConditionalAffine(1, injector_cond, c.injector_width, c.clamp) if c.injector_width
-                         else None)
+        self.injector = (ConditionalAffine(1, injector_cond, c.injector_width, c.clamp, c.injector_net)
+                         if c.injector_width else None)
         self.side_scale = (CovariateScale(1, c.side_channels, c.side_map_cells, c.clamp, c.side_map_channels)
                            if c.side_channels and c.side_map_cells and c.side_map_channels != [] else None)
         self.discriminators = nn.ModuleList(

@@ -143,7 +143,8 @@ class PeerDualGlow(nn.Module):
             prior_cond_channels=self.mri_flow.z_channels, prior_hidden=c.prior_hidden,
             learn_prior_scale=c.prior == "mean_scale",
         )
-        self.injector = ConditionalAffine(1, c.mri_channels, c.injector_width, c.clamp) if c.injector_width else None
+        self.injector = (ConditionalAffine(1, c.mri_channels, c.injector_width, c.clamp, c.injector_net)
+                         if c.injector_width else None)
 
     @classmethod
     def from_preset(cls, name_or_path: str | Path, spatial: tuple[int, int, int], **overrides) -> "PeerDualGlow":

@@ -183,10 +183,11 @@ def pet_to_units(pet: torch.Tensor, prep: Preprocessing) -> torch.Tensor:
     return (pet + 0.5) * (prep.pet_scale * prep.pet_level)
 
 
-def grid_for(shapes: list[tuple[int, int, int]], divisor: int) -> tuple[int, int, int]:
-    """Smallest grid holding every foreground box, rounded up to multiples of ``divisor``."""
+def grid_for(shapes: list[tuple[int, int, int]], divisor: int, minimum: int = 0) -> tuple[int, int, int]:
+    """Smallest grid holding every foreground box, at least ``minimum`` voxels per axis, rounded
+    up to multiples of ``divisor``."""
     largest = np.max(np.asarray(shapes), axis=0)
-    return tuple(int(math.ceil(s / divisor) * divisor) for s in largest)
+    return tuple(int(math.ceil(max(s, minimum) / divisor) * divisor) for s in largest)
 
 
 def robust_max(pet: torch.Tensor) -> float:

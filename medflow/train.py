@@ -26,6 +26,7 @@ from medflow.calibration import calibrate_temperature
 from medflow.checkpoint import latest_valid_step, read_config, save_state, save_step, write_config
 from medflow.device import Distributed, check_fits, init_distributed, place_model, resolve_device
 from medflow.errors import InputError, ModelError, OutputError, TrainingError
+from medflow.flows.injector import UNET_MIN_AXIS
 from medflow.manifest import Subject, read_manifest
 from medflow.metrics import compute_metrics
 from medflow.model import DualGlow, DualGlowConfig
@@ -228,9 +229,13 @@ class Trainer:
             self.prep = Preprocessing.from_dict(s["preprocessing"])
         else:
             shapes = [tuple(item["mri"].shape[1:]) for item in self.train_cache]
-            grid = tuple(s["grid"]) if s["grid"] else grid_for(shapes, 2**levels)
+            unet = s["model"].get("injector_width") and s["model"].get("injector_net") == "unet"
+            minimum = UNET_MIN_AXIS if unet else 0
+            grid = tuple(s["grid"]) if s["grid"] else grid_for(shapes, 2**levels, minimum)
             if any(g % 2**levels for g in grid):
                 raise InputError(f"--grid {grid} must be divisible by {2**levels} for {levels} levels")
+            if min(grid) < minimum:
+                raise InputError(f"--grid {grid}: the U-Net injector needs at least {minimum} voxels per axis")
             pet_scale = float(np.median([robust_max(item["pet"]) for item in self.train_cache]))
             if not pet_scale > 0:
                 raise InputError(f"{s['data']}: training PET has no positive signal")

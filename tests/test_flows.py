@@ -231,3 +231,28 @@ def test_injector_recompute_keeps_fewer_bytes_for_backward_and_gives_the_same_gr
         grads[recompute] = [p.grad.clone() for p in injector.parameters()]
     assert saved[True] < saved[False] / 2
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(grads[False], grads[True]))
+
+
+def test_unet_injector_is_the_identity_at_init_then_inverts_with_its_jacobian_log_det():
+    """The U-Net injector on a 32^3 grid, float64. Its Jacobian in x is diagonal (mu and log_s come
+    from the condition alone), so the gradient of sum(y) is that diagonal: the oracle of the log-det."""
+    torch.manual_seed(0)
+    injector = ConditionalAffine(1, 2, 4, net="unet").double()
+    x = torch.randn(2, 1, 32, 32, 32, dtype=torch.float64, requires_grad=True)
+    cond = torch.randn(2, 2, 32, 32, 32, dtype=torch.float64)
+    y, logdet = injector(x, cond)
+    assert torch.equal(y, x) and torch.equal(logdet, torch.zeros(2, dtype=torch.float64))
+    perturb(injector, scale=0.05)
+    y, logdet = injector(x, cond)
+    diagonal, = torch.autograd.grad(y.sum(), x)
+    torch.testing.assert_close(logdet, diagonal.abs().log().flatten(1).sum(1), rtol=0, atol=1e-8)
+    mu, log_s = injector.params(cond)
+    assert mu.std() > 0 and log_s.std() > 0
+    torch.testing.assert_close(injector.inverse(y.detach(), cond), x.detach(), rtol=0, atol=1e-10)
+
+
+def test_unet_injector_refuses_a_grid_below_its_minimum():
+    from medflow.errors import ModelError
+
+    with pytest.raises(ModelError, match="at least 32 voxels per axis, got a 32x16x32 grid"):
+        ConditionalAffine(1, 1, 4, net="unet")(torch.randn(1, 1, 32, 16, 32), torch.randn(1, 1, 32, 16, 32))

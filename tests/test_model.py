@@ -275,6 +275,8 @@ def test_overrides_and_bad_options():
         DualGlow.from_preset("tiny", widht=3)
     with pytest.raises(ModelError, match="unknown preset"):
         DualGlow.from_preset("nope")
+    with pytest.raises(ModelError, match="injector_net must be one of"):
+        DualGlow.from_preset("tiny", injector_width=4, injector_net="resnet")
 
 
 def test_cpu_placement_is_channels_last_and_changes_no_number():

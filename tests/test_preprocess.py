@@ -6,7 +6,7 @@ import torch
 from monai.data import MetaTensor
 
 from medflow.errors import InputError
-from medflow.preprocess import NormalizeGlobalMeand, Preprocessing, global_mean, pet_to_units, stage1
+from medflow.preprocess import NormalizeGlobalMeand, Preprocessing, global_mean, grid_for, pet_to_units, stage1
 
 
 def test_crop_box_follows_the_first_contrast_only():
@@ -51,3 +51,9 @@ def test_pet_units_follow_the_stored_level_and_old_configs_mean_no_normalisation
     model_space = torch.tensor([-0.5, 0.0, 0.5])
     assert torch.allclose(pet_to_units(model_space, old), torch.tensor([0.0, 1.5, 3.0]))
     assert torch.allclose(pet_to_units(model_space, new), torch.tensor([0.0, 3.0, 6.0]))
+
+
+def test_grid_holds_every_box_at_the_minimum_in_multiples_of_the_divisor():
+    assert grid_for([(30, 41, 20), (33, 40, 17)], 8) == (40, 48, 24)
+    assert grid_for([(30, 41, 20), (33, 40, 17)], 8, minimum=32) == (40, 48, 32)
+    assert grid_for([(10, 10, 10)], 16, minimum=32) == (32, 32, 32)

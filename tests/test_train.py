@@ -240,3 +240,16 @@ def test_time_limit_decays_lr_and_counts_across_resume(pairs, tmp_path, monkeypa
     assert state["elapsed"] == pytest.approx(4.0) and state["step"] == 8
     assert train(resume=True).step == 8
     assert load_state(step_checkpoints(run)[0])["step"] == 8
+
+
+def test_unet_injector_trains_on_a_grid_padded_to_its_minimum(pairs, tmp_path):
+    """The U-Net injector needs 32 voxels per axis: training pads the automatic grid up to that
+    and refuses a smaller --grid with a one-line error."""
+    unet = ["--set", "injector_width=4", "--set", "injector_net=unet", "--steps", "1", "--val-fraction", "0"]
+    result = run_cli("train", pairs, "--out", tmp_path / "unet", *TRAIN_ARGS, *unet)
+    assert result.returncode == 0, result.stderr
+    trained = load_trained(tmp_path / "unet", torch.device("cpu"))
+    assert min(trained.prep.grid) >= 32 and trained.model.config.injector_net == "unet"
+    result = run_cli("train", pairs, "--out", tmp_path / "small_grid", *TRAIN_ARGS, *unet, "--grid", "16,16,16")
+    assert result.returncode == 3, result.stderr
+    assert "the U-Net injector needs at least 32 voxels per axis" in result.stderr and "Traceback" not in result.stderr

@@ -3,16 +3,37 @@
 from __future__ import annotations
 
 import torch
+from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from medflow.errors import ModelError
 from medflow.flows.base import InvertibleModule
 from medflow.flows.coupling import coupling_subnet, soft_clamp
+
+
+INJECTOR_NETS = ("conv", "unet")
+UNET_MIN_AXIS = 32  # BasicUNet pools 4 times and instance-normalises the coarsest grid
+
+
+def injector_subnet(kind: str, in_channels: int, hidden: int, out_channels: int) -> nn.Module:
+    """The injector's net, last layer zero. ``conv``: the coupling subnet (3x3x3 -> 1x1x1 -> 3x3x3,
+    5 voxels across its receptive field). ``unet``: MONAI's ``BasicUNet`` with features
+    (h, h, 2h, 4h, 8h, h) for h = ``hidden``, four 2x poolings, so ``mu`` can follow regional
+    patterns across the volume; every axis needs at least ``UNET_MIN_AXIS`` voxels."""
+    if kind == "conv":
+        return coupling_subnet(in_channels, hidden, out_channels)
+    from monai.networks.nets import BasicUNet
+
+    net = BasicUNet(3, in_channels, out_channels, features=(hidden, hidden, 2 * hidden, 4 * hidden, 8 * hidden, hidden))
+    nn.init.zeros_(net.final_conv.weight)
+    nn.init.zeros_(net.final_conv.bias)
+    return net
 
 
 class ConditionalAffine(InvertibleModule):
     """``y = (x - mu(c)) * exp(-log_s(c))`` for x [B, C, D, H, W] and c [B, Cc, D, H, W].
 
-    ``mu`` and ``log_s`` (soft-clamped) come from a 3D conv net (the coupling subnet) on the
+    ``mu`` and ``log_s`` (soft-clamped) come from a 3D conv net (``injector_subnet``) on the
     condition alone, so the map is invertible for any x; log|det dy/dx| = -sum(log_s).
     The net's last layer starts at zero: the transform starts as the identity. In a
     conditional flow, ``mu`` becomes an estimate of x from c and the rest of the flow
@@ -20,15 +41,19 @@ class ConditionalAffine(InvertibleModule):
     backward pass but recomputed from ``c`` (``torch.utils.checkpoint``).
     """
 
-    def __init__(self, channels: int, cond_channels: int, hidden: int, clamp: float = 2.0):
+    def __init__(self, channels: int, cond_channels: int, hidden: int, clamp: float = 2.0, net: str = "conv"):
         super().__init__()
         self.channels = channels
         self.clamp = clamp
-        self.net = coupling_subnet(cond_channels, hidden, 2 * channels)
+        self.kind = net
+        self.net = injector_subnet(net, cond_channels, hidden, 2 * channels)
         self.recompute = False
 
     def params(self, cond: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Shift ``mu`` and log-scale ``log_s``, each [B, C, D, H, W]."""
+        if self.kind == "unet" and min(cond.shape[2:]) < UNET_MIN_AXIS:
+            raise ModelError(f"the U-Net injector needs at least {UNET_MIN_AXIS} voxels per axis, "
+                             f"got a {'x'.join(map(str, cond.shape[2:]))} grid")
         if self.recompute and torch.is_grad_enabled():
             out = checkpoint(self.net, cond, use_reentrant=False)
         else:
