@@ -90,6 +90,22 @@ def test_injector_round_trip_and_log_prob(width):
     assert torch.allclose(draws[0], model.injector.inverse(flow_mode, cond))
 
 
+def test_several_draws_run_the_injector_net_once_and_equal_single_inverses():
+    model, mri, _ = trained_tiny(injector_width=8)
+    perturb(model, scale=0.05)
+    enc = model.mri_flow.encode(mri)
+    coupling, prior, cond = model._pet_conditions(mri, enc)
+    calls = []
+    hook = model.injector.net.register_forward_hook(lambda *args: calls.append(1))
+    draws = model.sample(mri, temperature=0.7, n=3, generator=torch.Generator().manual_seed(5))
+    hook.remove()
+    assert len(calls) == 1 and draws.shape == (3, 4, 1, 8, 8, 8)
+    generator = torch.Generator().manual_seed(5)
+    for draw in draws:
+        flow = model.pet_flow.sample(4, (8, 8, 8), 0.7, coupling, prior, generator)
+        torch.testing.assert_close(draw, model.injector.inverse(flow, cond))
+
+
 def test_bf16_coupling_inverts_exactly():
     torch.manual_seed(0)
     coupling = perturb(AffineCoupling(4, 8, 3))

@@ -65,5 +65,9 @@ class ConditionalAffine(InvertibleModule):
         return (x - mu) * torch.exp(-log_s), -log_s.flatten(1).sum(1)
 
     def inverse(self, y, cond=None):
-        mu, log_s = self.params(cond)
+        return self.inverse_from(y, *self.params(cond))
+
+    @staticmethod
+    def inverse_from(y: torch.Tensor, mu: torch.Tensor, log_s: torch.Tensor) -> torch.Tensor:
+        """The inverse with ``params`` already computed: several draws for one condition run the net once."""
         return y * torch.exp(log_s) + mu
