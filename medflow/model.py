@@ -187,7 +187,7 @@ class DualGlow(nn.Module):
         All subnets share one ``forward`` code object, and torch.compile keeps one graph per shape
         signature on it, up to ``torch._dynamo.config.cache_size_limit`` (8 by default), past which
         it silently runs eager; the limit is raised to the number of subnets, a bound on their
-        signatures (``small`` has 7 and ``dualglow3d`` 4, but ``small`` with a fourth level has 9)."""
+        signatures (the presets have at most 7; ``small`` with steps [1, 2, 2, 2] and the conv injector has 9)."""
         subnets = [m.net for m in self.modules() if isinstance(m, (AffineCoupling, ConditionalAffine))]
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, len(subnets))
         for net in subnets:

@@ -24,7 +24,8 @@ def injector_subnet(kind: str, in_channels: int, hidden: int, out_channels: int)
         return coupling_subnet(in_channels, hidden, out_channels)
     from monai.networks.nets import BasicUNet
 
-    net = BasicUNet(3, in_channels, out_channels, features=(hidden, hidden, 2 * hidden, 4 * hidden, 8 * hidden, hidden))
+    features = (hidden, hidden, 2 * hidden, 4 * hidden, 8 * hidden, hidden)
+    net = BasicUNet(3, in_channels, out_channels, features=features)
     nn.init.zeros_(net.final_conv.weight)
     nn.init.zeros_(net.final_conv.bias)
     return net
