@@ -16,7 +16,7 @@ from medflow.errors import ModelError
 from medflow.flows.coupling import AffineCoupling
 from medflow.flows.covariate_scale import CovariateScale
 from medflow.flows.glow import SQUEEZES, Glow3d
-from medflow.flows.injector import INJECTOR_NETS, ConditionalAffine
+from medflow.flows.injector import INJECTOR_NETS, UNET_MIN_AXIS, ConditionalAffine
 from medflow.presets import load_preset
 
 
@@ -104,6 +104,11 @@ class DualGlowConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @property
+    def min_axis(self) -> int:
+        """The fewest voxels per axis of the model grid the injector accepts (0: no minimum)."""
+        return UNET_MIN_AXIS if self.injector_width and self.injector_net == "unet" else 0
 
     @property
     def levels(self) -> int:

@@ -26,7 +26,6 @@ from medflow.calibration import calibrate_temperature
 from medflow.checkpoint import latest_valid_step, read_config, save_state, save_step, write_config
 from medflow.device import Distributed, check_fits, init_distributed, place_model, resolve_device
 from medflow.errors import InputError, ModelError, OutputError, TrainingError
-from medflow.flows.injector import UNET_MIN_AXIS
 from medflow.manifest import Subject, read_manifest
 from medflow.metrics import compute_metrics
 from medflow.model import DualGlow, DualGlowConfig
@@ -229,8 +228,7 @@ class Trainer:
             self.prep = Preprocessing.from_dict(s["preprocessing"])
         else:
             shapes = [tuple(item["mri"].shape[1:]) for item in self.train_cache]
-            unet = s["model"].get("injector_width") and s["model"].get("injector_net") == "unet"
-            minimum = UNET_MIN_AXIS if unet else 0
+            minimum = DualGlowConfig.from_dict(s["model"]).min_axis
             grid = tuple(s["grid"]) if s["grid"] else grid_for(shapes, 2**levels, minimum)
             if any(g % 2**levels for g in grid):
                 raise InputError(f"--grid {grid} must be divisible by {2**levels} for {levels} levels")
