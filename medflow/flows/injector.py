@@ -40,10 +40,11 @@ class ConditionalAffine(InvertibleModule):
     after the sum), so the map is invertible for any x and log|det dy/dx| = -sum(log_s). The
     covariates enter after the net, linearly: a diagnosis changes the PET where the net, which sees
     the anatomy, puts its effect (the U-Net's instance normalisation would remove covariates fed
-    in as constant input channels). The net's last layer starts at zero: the transform starts as
-    the identity. In a conditional flow, ``mu`` becomes an estimate of x from c (and v) and the
-    rest of the flow models the residual. With ``recompute`` the net's activations are not kept
-    for the backward pass but recomputed from ``c`` (``torch.utils.checkpoint``).
+    in as constant input channels, all but their effect at the borders). The net's last layer
+    starts at zero: the transform starts as the identity. In a conditional flow, ``mu`` becomes
+    an estimate of x from c (and v) and the rest of the flow models the residual. With
+    ``recompute`` the net's activations are not kept for the backward pass but recomputed from
+    ``c`` (``torch.utils.checkpoint``).
     """
 
     def __init__(self, channels: int, cond_channels: int, hidden: int, clamp: float = 2.0, net: str = "conv",
