@@ -115,9 +115,8 @@ def train(
     mri_columns: str = typer.Option("mri", help="Comma-separated CSV columns stacked as MRI channels, e.g. mri,t2."),
     side_columns: str = typer.Option("", help="Comma-separated CSV columns of side information (e.g. age,sex,dx) "
                                              "that condition the top-level PET prior; categorical ones also "
-                                             "act voxel-wise: through the injector's net (presets with "
-                                             "injector_side, e.g. small) or a learned map of relative change "
-                                             "per category (side_map_cells, e.g. tiny, dualglow3d)."),
+                                             "scale the PET through a learned map of relative change "
+                                             "per category."),
     spacing: float = typer.Option(None, help="Model voxel size in mm (default: the preset's)."),
     pet_normalization: str = typer.Option(None, help="global_mean: learn each PET divided by its SPM-style global "
                                           "mean and write synthetic PETs at the training median level; none: "

@@ -40,11 +40,7 @@ class DualGlowConfig:
     channel of this many cells per axis over the volume's box (``medflow.flows.covariate_scale``),
     so a covariate can change uptake regionally; side_map_channels: the side channels that have
     such a map (training sets the one-hot categories: a map times a standardised number would
-    extrapolate without bound beyond the training range), None for all, [] for none; injector_side:
-    where the model has side information and an injector, the injector's net also gives, per side
-    channel with a map, that covariate's effect on its ``mu`` and ``log_s`` (``ConditionalAffine``),
-    so a diagnosis changes the PET where the net, which sees the anatomy, puts it (ignored without
-    side information or an injector; models saved before it existed load with it off); side_adversary:
+    extrapolate without bound beyond the training range), None for all, [] for none; side_adversary:
     weight of the gradient-reversal discriminators that push side information out of the
     lower PET latents; injector_width: if > 0, the PET flow starts with a voxel-wise
     conditional affine transform ``(pet - mu) * exp(-log_s)`` whose ``mu`` and ``log_s`` a
@@ -69,7 +65,6 @@ class DualGlowConfig:
     side_channels: int = 0
     side_map_cells: int = 0
     side_map_channels: list[int] | None = None
-    injector_side: bool = False
     side_adversary: float = 0.1
     injector_width: int = 0
     injector_net: str = "conv"
@@ -116,18 +111,6 @@ class DualGlowConfig:
         return UNET_MIN_AXIS if self.injector_width and self.injector_net == "unet" else 0
 
     @property
-    def side_mapped(self) -> list[int]:
-        """The side channels that have maps (``side_map_channels``; None: all of them)."""
-        if self.side_map_channels is None:
-            return list(range(self.side_channels))
-        return [int(k) for k in self.side_map_channels]
-
-    @property
-    def injector_covariates(self) -> int:
-        """How many side channels the injector takes (0 unless ``injector_side`` applies)."""
-        return len(self.side_mapped) if self.injector_side and self.side_channels and self.injector_width else 0
-
-    @property
     def levels(self) -> int:
         return len(self.steps)
 
@@ -166,10 +149,10 @@ class DualGlow(nn.Module):
             learn_prior_scale=c.prior == "mean_scale",
         )
         injector_cond = c.mri_channels + c.condition_width
-        self.injector = (ConditionalAffine(1, injector_cond, c.injector_width, c.clamp, c.injector_net,
-                                           c.injector_covariates) if c.injector_width else None)
-        self.side_scale = (CovariateScale(1, c.side_channels, c.side_map_cells, c.clamp, c.side_mapped)
-                           if c.side_channels and c.side_map_cells and c.side_mapped else None)
+        self.injector = (ConditionalAffine(1, injector_cond, c.injector_width, c.clamp, c.injector_net)
+                         if c.injector_width else None)
+        self.side_scale = (CovariateScale(1, c.side_channels, c.side_map_cells, c.clamp, c.side_map_channels)
+                           if c.side_channels and c.side_map_cells and c.side_map_channels != [] else None)
         self.discriminators = nn.ModuleList(
             SideDiscriminator(z, c.side_channels) for z in self.pet_flow.z_channels[:-1]
         ) if c.side_channels else None
@@ -241,10 +224,6 @@ class DualGlow(nn.Module):
             injector = torch.cat(parts, dim=1)
         return coupling, prior, injector
 
-    def _injector_covariates(self, side: torch.Tensor | None) -> torch.Tensor | None:
-        """The side channels the injector takes, [B, K], or None."""
-        return side[:, self.config.side_mapped] if self.config.injector_covariates else None
-
     def side_adversary_loss(self, zs_pet: list[torch.Tensor], side: torch.Tensor) -> torch.Tensor:
         """Mean squared error of the discriminators predicting ``side`` from the lower PET latents."""
         losses = [((d(z) - side.to(z)) ** 2).mean() for d, z in zip(self.discriminators, zs_pet[:-1])]
@@ -258,7 +237,7 @@ class DualGlow(nn.Module):
         coupling, prior, injector = self._pet_conditions(mri, enc_mri, side)
         flow_in, logdet = (pet, 0.0) if self.side_scale is None else self.side_scale(pet, side)
         if self.injector is not None:
-            flow_in, injector_logdet = self.injector(flow_in, injector, self._injector_covariates(side))
+            flow_in, injector_logdet = self.injector(flow_in, injector)
             logdet = logdet + injector_logdet
         lp_pet, enc_pet = self.pet_flow.log_prob(flow_in, coupling, prior)
         lp_pet = lp_pet + logdet
@@ -297,7 +276,7 @@ class DualGlow(nn.Module):
         _, enc_mri = self.encode_mri(mri)
         coupling, prior, injector = self._pet_conditions(mri, enc_mri, side)
         spatial = tuple(mri.shape[2:])
-        shift = self.injector.params(injector, self._injector_covariates(side)) if self.injector is not None else None
+        shift = self.injector.params(injector) if self.injector is not None else None
         draws = []
         for _ in range(n):
             pet = self.pet_flow.sample(mri.shape[0], spatial, temperature, coupling, prior, generator)

@@ -7,7 +7,6 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from torch.autograd.functional import jacobian
 from typer.testing import CliRunner
 
 from medflow import DualGlow
@@ -17,8 +16,6 @@ from medflow.adversary import BOUND, SideDiscriminator, grad_reverse
 from medflow.cli import app
 from medflow.errors import InputError, ModelError
 from medflow.flows import CovariateScale
-from medflow.flows.coupling import soft_clamp
-from medflow.flows.injector import ConditionalAffine
 from medflow.side import SideSpec, parse_side
 from tests.paired_data import write_paired_csv
 
@@ -74,79 +71,13 @@ def test_side_enters_the_top_prior_and_the_discriminators_train():
         model.loss(pet, mri)
 
 
-def test_side_stays_out_of_the_injector_input():
-    """Every side channel fed to the full-resolution injector as input let 22 training subjects'
-    covariates (age to 0.1 year among them) encode their (random) PET level: held-out bits per
-    voxel +0.21 (CONDITIONING.md). Its input is the MRI only; with ``injector_side`` the one-hot
-    categories act after its net (below)."""
-    model = DualGlow.from_preset("tiny", side_channels=3, injector_width=8, injector_side=True)
+def test_side_stays_out_of_the_injector():
+    """Side information in the full-resolution injector let 22 training subjects' covariates
+    encode their (random) PET level: held-out bits per voxel +0.21 (CONDITIONING.md)."""
+    model = DualGlow.from_preset("tiny", side_channels=3, injector_width=8)
     mri = torch.randn(2, 1, 8, 8, 8)
     _, enc = model.encode_mri(mri)
     assert model._pet_conditions(mri, enc, torch.zeros(2, 3))[2].shape == (2, 1, 8, 8, 8)
-
-
-def _randomise_last_layer(net: torch.nn.Sequential, std: float) -> None:
-    with torch.no_grad():
-        for p in net[-1].parameters():
-            p.normal_(0.0, std)
-
-
-def test_injector_covariate_effects_start_at_zero_add_linearly_and_invert_exactly():
-    torch.manual_seed(0)
-    injector = ConditionalAffine(1, 2, 8, covariates=2).double()
-    x, cond = torch.randn(2, 1, 4, 4, 4, dtype=torch.float64), torch.randn(2, 2, 4, 4, 4, dtype=torch.float64)
-    covariates = torch.tensor([[1.0, 0.0], [0.0, 1.0]], dtype=torch.float64)
-    y, logdet = injector(x, cond, covariates)
-    assert torch.equal(y, x) and torch.equal(logdet, torch.zeros(2, dtype=torch.float64))
-    _randomise_last_layer(injector.net, 0.1)
-    raw = injector.net(cond)
-    assert raw.shape == (2, 2 * 3, 4, 4, 4)  # [mu, log_s] for the base and for each covariate
-    total = raw[:, 0:2] + covariates[:, 0, None, None, None, None] * raw[:, 2:4] \
-        + covariates[:, 1, None, None, None, None] * raw[:, 4:6]
-    mu, log_s = injector.params(cond, covariates)
-    torch.testing.assert_close(mu, total[:, :1])
-    torch.testing.assert_close(log_s, soft_clamp(total[:, 1:], injector.clamp))
-    assert not torch.allclose(mu, injector.params(cond, covariates.flip(1))[0])
-    y, logdet = injector(x, cond, covariates)
-    torch.testing.assert_close(injector.inverse(y, cond, covariates), x)
-    one = lambda v: injector(v, cond[:1], covariates[:1])[0]  # noqa: E731
-    brute = torch.linalg.slogdet(jacobian(one, x[:1]).reshape(64, 64))[1]
-    torch.testing.assert_close(logdet[0], brute)
-    with pytest.raises(ModelError, match="covariates of shape"):
-        injector.params(cond)
-    with pytest.raises(ModelError, match="covariates of shape"):
-        injector.params(cond, covariates[:, :1])
-
-
-def test_injector_side_effects_follow_the_mapped_channels_in_training_and_sampling():
-    torch.manual_seed(0)
-    model = DualGlow.from_preset("tiny", side_channels=3, side_map_channels=[1, 2], side_map_cells=0,
-                                 injector_width=8, injector_side=True)
-    assert model.injector.covariates == 2 and model.side_scale is None
-    mri, pet = torch.randn(2, 1, 8, 8, 8), torch.rand(2, 1, 8, 8, 8)
-    side = torch.tensor([[0.5, 1.0, 0.0], [-0.5, 0.0, 1.0]])
-    model.loss(pet, mri, side)
-    model.eval()
-    _randomise_last_layer(model.injector.net, 0.05)
-    _, enc = model.encode_mri(mri)
-    coupling, prior, cond = model._pet_conditions(mri, enc, side)
-    flow_in, injector_logdet = model.injector(pet, cond, side[:, 1:])
-    lp, _ = model.pet_flow.log_prob(flow_in, coupling, prior)
-    torch.testing.assert_close(model.log_prob(pet, mri, side)["pet"], lp + injector_logdet)
-    mode = model.pet_flow.sample(2, (8, 8, 8), 0.0, coupling, prior)
-    torch.testing.assert_close(model.sample(mri, 0.0, side=side)[0], model.injector.inverse(mode, cond, side[:, 1:]))
-    age_changed, dx_changed = side.clone(), side.clone()
-    age_changed[:, 0] = 2.0
-    dx_changed[:, 1:] = dx_changed[:, 1:].flip(1)
-    base = model.injector.params(cond, side[:, 1:])[0]
-    assert torch.equal(model._injector_covariates(age_changed), side[:, 1:])  # numbers have no effect map
-    assert not torch.allclose(base, model.injector.params(cond, dx_changed[:, 1:])[0])
-    values = dict(load_preset("small")["model"], side_channels=5, side_map_channels=[1, 2, 3, 4])
-    assert DualGlowConfig.from_dict(values).injector_covariates == 4
-    del values["injector_side"]  # models saved before the option load with it off
-    assert DualGlowConfig.from_dict(values).injector_covariates == 0
-    assert DualGlowConfig.from_dict(dict(values, injector_side=True, side_channels=0,
-                                         side_map_channels=None)).injector_covariates == 0
 
 
 def test_covariate_maps_scale_the_pet_before_the_injector_and_are_undone_last_in_sampling():

@@ -32,55 +32,41 @@ def injector_subnet(kind: str, in_channels: int, hidden: int, out_channels: int)
 
 
 class ConditionalAffine(InvertibleModule):
-    """``y = (x - mu) * exp(-log_s)`` for x [B, C, D, H, W], a condition c [B, Cc, D, H, W] and
-    optional covariates v [B, K] (side information: the one-hot categories of ``medflow.side``).
+    """``y = (x - mu(c)) * exp(-log_s(c))`` for x [B, C, D, H, W] and c [B, Cc, D, H, W].
 
-    ``[mu, log_s] = f_0(c) + sum_k v_k f_k(c)``, where the 3D conv net ``injector_subnet`` on the
-    condition alone outputs ``f_0`` and one effect ``f_k`` per covariate (``log_s`` soft-clamped
-    after the sum), so the map is invertible for any x and log|det dy/dx| = -sum(log_s). The
-    covariates enter after the net, linearly: a diagnosis changes the PET where the net, which sees
-    the anatomy, puts its effect (the U-Net's instance normalisation would remove covariates fed
-    in as constant input channels, all but their effect at the borders). The net's last layer
-    starts at zero: the transform starts as the identity. In a conditional flow, ``mu`` becomes
-    an estimate of x from c (and v) and the rest of the flow models the residual. With
-    ``recompute`` the net's activations are not kept for the backward pass but recomputed from
-    ``c`` (``torch.utils.checkpoint``).
+    ``mu`` and ``log_s`` (soft-clamped) come from a 3D conv net (``injector_subnet``) on the
+    condition alone, so the map is invertible for any x; log|det dy/dx| = -sum(log_s).
+    The net's last layer starts at zero: the transform starts as the identity. In a
+    conditional flow, ``mu`` becomes an estimate of x from c and the rest of the flow
+    models the residual. With ``recompute`` the net's activations are not kept for the
+    backward pass but recomputed from ``c`` (``torch.utils.checkpoint``).
     """
 
-    def __init__(self, channels: int, cond_channels: int, hidden: int, clamp: float = 2.0, net: str = "conv",
-                 covariates: int = 0):
+    def __init__(self, channels: int, cond_channels: int, hidden: int, clamp: float = 2.0, net: str = "conv"):
         super().__init__()
         self.channels = channels
-        self.covariates = covariates
         self.clamp = clamp
         self.kind = net
-        self.net = injector_subnet(net, cond_channels, hidden, 2 * channels * (1 + covariates))
+        self.net = injector_subnet(net, cond_channels, hidden, 2 * channels)
         self.recompute = False
 
-    def params(self, cond: torch.Tensor, covariates: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Shift ``mu`` and log-scale ``log_s``, each [B, C, D, H, W]; ``covariates`` [B, K]."""
+    def params(self, cond: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Shift ``mu`` and log-scale ``log_s``, each [B, C, D, H, W]."""
         if self.kind == "unet" and min(cond.shape[2:]) < UNET_MIN_AXIS:
             raise ModelError(f"the U-Net injector needs at least {UNET_MIN_AXIS} voxels per axis, "
                              f"got a {'x'.join(map(str, cond.shape[2:]))} grid")
-        if self.covariates and (covariates is None or tuple(covariates.shape) != (cond.shape[0], self.covariates)):
-            raise ModelError(f"this injector needs covariates of shape [{cond.shape[0]}, {self.covariates}], got "
-                             f"{None if covariates is None else list(covariates.shape)}")
         if self.recompute and torch.is_grad_enabled():
             out = checkpoint(self.net, cond, use_reentrant=False)
         else:
             out = self.net(cond)
-        if self.covariates:
-            width = 2 * self.channels
-            effects = out[:, width:].unflatten(1, (self.covariates, width))
-            out = out[:, :width] + torch.einsum("bk,bkcdhw->bcdhw", covariates.to(out), effects)
         return out[:, : self.channels], soft_clamp(out[:, self.channels :], self.clamp)
 
-    def forward(self, x, cond=None, covariates=None):
-        mu, log_s = self.params(cond, covariates)
+    def forward(self, x, cond=None):
+        mu, log_s = self.params(cond)
         return (x - mu) * torch.exp(-log_s), -log_s.flatten(1).sum(1)
 
-    def inverse(self, y, cond=None, covariates=None):
-        return self.inverse_from(y, *self.params(cond, covariates))
+    def inverse(self, y, cond=None):
+        return self.inverse_from(y, *self.params(cond))
 
     @staticmethod
     def inverse_from(y: torch.Tensor, mu: torch.Tensor, log_s: torch.Tensor) -> torch.Tensor:
