@@ -276,11 +276,11 @@ class DualGlow(nn.Module):
         _, enc_mri = self.encode_mri(mri)
         coupling, prior, injector = self._pet_conditions(mri, enc_mri, side)
         spatial = tuple(mri.shape[2:])
-        shift = self.injector.params(injector) if self.injector is not None else None
+        mu_log_s = self.injector.params(injector) if self.injector is not None else None
         draws = []
         for _ in range(n):
             pet = self.pet_flow.sample(mri.shape[0], spatial, temperature, coupling, prior, generator)
-            if shift is not None:
-                pet = self.injector.inverse_from(pet, *shift)
+            if mu_log_s is not None:
+                pet = self.injector.inverse_from(pet, *mu_log_s)
             draws.append(pet if self.side_scale is None else self.side_scale.inverse(pet, side))
         return torch.stack(draws)

@@ -4,6 +4,7 @@ import pytest
 import torch
 from torch.autograd.functional import jacobian
 
+from medflow.errors import ModelError
 from medflow.flows import (
     ActNorm, AffineCoupling, ConditionalAffine, CovariateScale, FlowStep, Glow3d, GlowLevel, HaarDownsample3d,
     InvConv1x1x1, Squeeze3d,
@@ -252,7 +253,5 @@ def test_unet_injector_is_the_identity_at_init_then_inverts_with_its_jacobian_lo
 
 
 def test_unet_injector_refuses_a_grid_below_its_minimum():
-    from medflow.errors import ModelError
-
     with pytest.raises(ModelError, match="at least 32 voxels per axis, got a 32x16x32 grid"):
         ConditionalAffine(1, 1, 4, net="unet")(torch.randn(1, 1, 32, 16, 32), torch.randn(1, 1, 32, 16, 32))
