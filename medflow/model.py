@@ -38,7 +38,9 @@ class DualGlowConfig:
     conditions the top level's PET prior, 0 for none; side_map_cells: if > 0, side information
     also scales the PET voxel-wise before the rest of the flow through a learned map per side
     channel of this many cells per axis over the volume's box (``medflow.flows.covariate_scale``),
-    so a covariate can change uptake regionally; side_map_channels: the side channels that have
+    so a covariate can change uptake regionally; side_map_origin: the model-space PET value those
+    maps scale about, -0.5 (zero uptake: the maps are relative changes of uptake) in every preset,
+    0.0 in configs written before this option existed; side_map_channels: the side channels that have
     such a map (training sets the one-hot categories: a map times a standardised number would
     extrapolate without bound beyond the training range), None for all, [] for none; side_adversary:
     weight of the gradient-reversal discriminators that push side information out of the
@@ -64,6 +66,7 @@ class DualGlowConfig:
     condition_width: int = 0
     side_channels: int = 0
     side_map_cells: int = 0
+    side_map_origin: float = 0.0
     side_map_channels: list[int] | None = None
     side_adversary: float = 0.1
     injector_width: int = 0
@@ -151,7 +154,8 @@ class DualGlow(nn.Module):
         injector_cond = c.mri_channels + c.condition_width
         self.injector = (ConditionalAffine(1, injector_cond, c.injector_width, c.clamp, c.injector_net)
                          if c.injector_width else None)
-        self.side_scale = (CovariateScale(1, c.side_channels, c.side_map_cells, c.clamp, c.side_map_channels)
+        self.side_scale = (CovariateScale(1, c.side_channels, c.side_map_cells, c.clamp, c.side_map_channels,
+                                          c.side_map_origin)
                            if c.side_channels and c.side_map_cells and c.side_map_channels != [] else None)
         self.discriminators = nn.ModuleList(
             SideDiscriminator(z, c.side_channels) for z in self.pet_flow.z_channels[:-1]

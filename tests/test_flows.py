@@ -38,6 +38,7 @@ def blocks(channels=2, cond_channels=3):
         "injector": (ConditionalAffine(channels, cond_channels, 8), cond_channels),
         "covariate_scale": (CovariateScale(channels, cond_channels, 3), ("vector", cond_channels)),
         "covariate_scale_some": (CovariateScale(channels, cond_channels, 3, mapped=[0, 2]), ("vector", cond_channels)),
+        "covariate_scale_origin": (CovariateScale(channels, cond_channels, 3, origin=-0.5), ("vector", cond_channels)),
     }
 
 

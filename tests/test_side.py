@@ -16,6 +16,7 @@ from medflow.adversary import BOUND, SideDiscriminator, grad_reverse
 from medflow.cli import app
 from medflow.errors import InputError, ModelError
 from medflow.flows import CovariateScale
+from medflow.preprocess import Preprocessing, pet_to_units
 from medflow.side import SideSpec, parse_side
 from tests.paired_data import write_paired_csv
 
@@ -107,6 +108,33 @@ def test_side_model_from_before_effect_maps_loads_and_runs_without_them():
     model = DualGlow(DualGlowConfig.from_dict(values))
     assert model.side_scale is None and "side_scale.maps" not in model.state_dict()
     model.loss(torch.rand(2, 1, 8, 8, 8), torch.randn(2, 1, 8, 8, 8), torch.randn(2, 3))
+
+
+def test_effect_maps_about_zero_uptake_remove_a_fraction_of_uptake():
+    """Presets scale about model-space -0.5, zero uptake: e = -log(1 - f) takes a fraction f
+    of the uptake away in the PET's own units, whatever the voxel's level."""
+    assert DualGlow.from_preset("small", side_channels=2, side_map_cells=4).side_scale.origin == -0.5
+    scale = CovariateScale(1, 1, 2, clamp=2.0, origin=-0.5)
+    unclamped = 2.0 * np.tan(-np.log(1.0 - 0.25) * np.pi / (2.0 * 2.0))  # soft_clamp's inverse
+    with torch.no_grad():
+        scale.maps.fill_(unclamped / scale.GAIN)
+    prep = Preprocessing((4.0, 4.0, 4.0), (8, 8, 8), pet_scale=2.5, pet_normalization="global_mean", pet_level=1.7)
+    pet = torch.rand(1, 1, 8, 8, 8) - 0.5
+    lowered, logdet = scale(pet, torch.ones(1, 1))
+    torch.testing.assert_close(pet_to_units(lowered, prep), 0.75 * pet_to_units(pet, prep))
+    torch.testing.assert_close(logdet, torch.full((1,), 8**3 * np.log(0.75)))
+
+
+def test_side_model_from_before_the_origin_option_keeps_scaling_about_zero():
+    """Runs trained before ``side_map_origin`` existed scaled about model-space 0 and must load unchanged."""
+    values = dict(load_preset("tiny")["model"], side_channels=3)
+    del values["side_map_origin"]
+    model = DualGlow(DualGlowConfig.from_dict(values))
+    scale = model.side_scale
+    assert scale.origin == 0.0
+    with torch.no_grad():
+        scale.maps.fill_(0.1)
+    assert torch.equal(scale(torch.zeros(1, 1, 8, 8, 8), torch.ones(1, 3))[0], torch.zeros(1, 1, 8, 8, 8))
 
 
 def test_effect_maps_follow_only_their_channels():
