@@ -183,12 +183,15 @@ Diagnosis control: the side-information model (seed {args.seeds[0]}) synthesizes
 subject at temperature 0 with dx=CN and with dx=AD, age and sex its own. CN - AD in PET units and
 as % of the CN synthesis, inside the recipe's hypometabolism core (pattern > {CORE}, GM > {GREY})
 and in the other grey matter (pattern < {OUTSIDE}, GM > {GREY}). The recipe lowers grey-matter
-uptake in the core by 15-35 % for AD and 0-3 % for CN, and nowhere else.
+uptake in the core by 15-35 % for AD and 0-3 % for CN, and nowhere else, in absolute units. Training
+divides each PET by its global mean (`pet_normalization: global_mean`) and synthesis writes every PET
+at the same level, so a lower core also lifts the rest of an AD brain by a few % in these units:
+the regional effect is the core's % minus the other grey matter's.
 
 {md_table(["subject", "true dx", "core CN-AD", "core %", "other GM CN-AD", "other GM %"], contrast_rows)}
 
 Mean over subjects: {100 * np.mean(core):.1f} % in the core against {100 * np.mean(rest):.1f} % in the other grey
-matter.
+matter, a regional effect of {100 * (np.mean(core) - np.mean(rest)):.1f} points.
 
 Total time of this run: {(time.monotonic() - args.clock) / 60:.1f} min.
 """

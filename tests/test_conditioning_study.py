@@ -19,3 +19,6 @@ def test_study_writes_every_variant_and_the_dx_contrast(tmp_path):
     contrast = [line for line in text.splitlines() if re.match(r"\| sub-\d{3} \|", line)]
     assert len(contrast) == 2 and all(math.isfinite(float(c.split("|")[3])) for c in contrast)
     assert "failed" not in text
+    core, rest, regional = map(float, re.search(
+        r"Mean over subjects: (\S+) % in the core against (\S+) % .* regional effect of (\S+) points", text, re.S).groups())
+    assert abs(regional - (core - rest)) <= 0.11  # each printed to 0.1
