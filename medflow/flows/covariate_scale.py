@@ -26,8 +26,8 @@ class CovariateScale(InvertibleModule):
     these few, weakly and noisily supervised parameters GAIN times further per step than the
     conv weights. For PET in model space (``medflow.preprocess``: uptake 0 at -0.5) the origin
     -0.5 makes ``e`` a log relative change of uptake, so ``e = -log(1 - f)`` removes a fraction f
-    of it; about 0 (the default, the transform before ``origin`` existed) a voxel at half the PET
-    scale cannot change at all.
+    of it everywhere; about 0 (the default, the transform before ``origin`` existed) a map that
+    lowers voxels above half the PET scale (grey matter) raises those below it (white matter, CSF).
     """
 
     GAIN = 10.0
