@@ -113,12 +113,14 @@ def test_side_model_from_before_effect_maps_loads_and_runs_without_them():
 def test_effect_maps_about_zero_uptake_remove_a_fraction_of_uptake():
     """Presets scale about model-space -0.5, zero uptake: e = -log(1 - f) takes a fraction f
     of the uptake away in the PET's own units, whatever the voxel's level."""
-    assert DualGlow.from_preset("small", side_channels=2, side_map_cells=4).side_scale.origin == -0.5
+    prep = Preprocessing((4.0, 4.0, 4.0), (8, 8, 8), pet_scale=2.5, pet_normalization="global_mean", pet_level=1.7)
+    for preset in ("tiny", "small", "dualglow3d"):
+        assert pet_to_units(torch.tensor(load_preset(preset)["model"]["side_map_origin"]), prep) == 0.0, preset
+    assert DualGlow.from_preset("small", side_channels=2).side_scale.origin == -0.5
     scale = CovariateScale(1, 1, 2, clamp=2.0, origin=-0.5)
     unclamped = 2.0 * np.tan(-np.log(1.0 - 0.25) * np.pi / (2.0 * 2.0))  # soft_clamp's inverse
     with torch.no_grad():
         scale.maps.fill_(unclamped / scale.GAIN)
-    prep = Preprocessing((4.0, 4.0, 4.0), (8, 8, 8), pet_scale=2.5, pet_normalization="global_mean", pet_level=1.7)
     pet = torch.rand(1, 1, 8, 8, 8) - 0.5
     lowered, logdet = scale(pet, torch.ones(1, 1))
     torch.testing.assert_close(pet_to_units(lowered, prep), 0.75 * pet_to_units(pet, prep))
