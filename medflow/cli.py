@@ -116,7 +116,8 @@ def train(
     side_columns: str = typer.Option("", help="Comma-separated CSV columns of side information (e.g. age,sex,dx) "
                                              "that condition the top-level PET prior; categorical ones also "
                                              "scale the PET through a learned map of relative change "
-                                             "of uptake per category."),
+                                             "of uptake per category, the most frequent one excepted "
+                                             "(the reference)."),
     spacing: float = typer.Option(None, help="Model voxel size in mm (default: the preset's)."),
     pet_normalization: str = typer.Option(None, help="global_mean: learn each PET divided by its SPM-style global "
                                           "mean and write synthetic PETs at the training median level; none: "

@@ -38,8 +38,10 @@ class DualGlowConfig:
     conditions the top level's PET prior, 0 for none; side_map_cells: if > 0, side information
     also scales the PET voxel-wise before the rest of the flow through a learned map per side
     channel of this many cells per axis over the volume's box (``medflow.flows.covariate_scale``),
-    so a covariate can change uptake regionally; side_map_origin: the model-space PET value those
-    maps scale about, -0.5 (zero uptake: the maps are relative changes of uptake) in every preset,
+    so a covariate can change uptake regionally; uptake_map: a static map of the same cells, shared by
+    every subject, with or without side information (a coarse atlas of uptake scale: with it the
+    covariates' maps hold only their differences from it); side_map_origin: the model-space PET value
+    those maps scale about, -0.5 (zero uptake: the maps are relative changes of uptake) in every preset,
     0.0 in configs written before this option existed; side_map_channels: the side channels that have
     such a map (training sets the one-hot categories: a map times a standardised number would
     extrapolate without bound beyond the training range), None for all, [] for none; side_adversary:
@@ -66,6 +68,7 @@ class DualGlowConfig:
     condition_width: int = 0
     side_channels: int = 0
     side_map_cells: int = 0
+    uptake_map: bool = False
     side_map_origin: float = 0.0
     side_map_channels: list[int] | None = None
     side_adversary: float = 0.1
@@ -100,6 +103,8 @@ class DualGlowConfig:
                 or any(not 0 <= int(k) < self.side_channels for k in self.side_map_channels)):
             raise ModelError(f"side_map_channels must be distinct indices below side_channels "
                              f"({self.side_channels}), got {self.side_map_channels}")
+        if self.uptake_map and not self.side_map_cells:
+            raise ModelError("uptake_map needs side_map_cells > 0 (the cells per axis of its map)")
         if self.condition_width < 0 or self.injector_width < 0:
             raise ModelError("condition_width and injector_width must be >= 0 (0 turns them off)")
         if self.injector_net not in INJECTOR_NETS:
@@ -154,9 +159,10 @@ class DualGlow(nn.Module):
         injector_cond = c.mri_channels + c.condition_width
         self.injector = (ConditionalAffine(1, injector_cond, c.injector_width, c.clamp, c.injector_net)
                          if c.injector_width else None)
-        self.side_scale = (CovariateScale(1, c.side_channels, c.side_map_cells, c.clamp, c.side_map_channels,
-                                          c.side_map_origin)
-                           if c.side_channels and c.side_map_cells and c.side_map_channels != [] else None)
+        mapped = c.side_map_channels if c.side_channels and c.side_map_cells else []
+        self.side_scale = (CovariateScale(1, c.side_channels, c.side_map_cells, c.clamp, mapped, c.side_map_origin,
+                                          c.uptake_map)
+                           if mapped != [] or c.uptake_map else None)
         self.discriminators = nn.ModuleList(
             SideDiscriminator(z, c.side_channels) for z in self.pet_flow.z_channels[:-1]
         ) if c.side_channels else None

@@ -7,8 +7,9 @@ subnet, a learned per-channel affine and a fixed random channel permutation appl
 1x1x1 convolution). The coupling subnets have medflow's shape (3x3x3 -> 1x1x1 -> 3x3x3, same
 widths) built from plain ``torch.nn.Conv3d``, as a FrEIA user writes them (medflow's own use
 ``medflow.flows.conv.Conv3d``), and the conditional priors are medflow's ``GaussianPrior``
-conditioned exactly as in ``medflow.model.DualGlow``, as is the affine injector on the PET
-input (``ConditionalAffine``) where the preset has one, so only the flow blocks differ.
+conditioned exactly as in ``medflow.model.DualGlow``, as are the static uptake map
+(``CovariateScale``) and the affine injector on the PET input (``ConditionalAffine``) where the
+preset has them, so only the flow blocks differ.
 FrEIA builds each level for one fixed input size, so the peer is built for one volume shape.
 """
 
@@ -23,6 +24,7 @@ from torch import nn
 
 from medflow.condition import mri_conditions
 from medflow.flows.coupling import coupling_subnet
+from medflow.flows.covariate_scale import CovariateScale
 from medflow.flows.glow import Encoding
 from medflow.flows.injector import ConditionalAffine
 from medflow.flows.prior import GaussianPrior
@@ -143,6 +145,8 @@ class PeerDualGlow(nn.Module):
             prior_cond_channels=self.mri_flow.z_channels, prior_hidden=c.prior_hidden,
             learn_prior_scale=c.prior == "mean_scale",
         )
+        self.uptake_map = (CovariateScale(1, 0, c.side_map_cells, c.clamp, origin=c.side_map_origin, static=True)
+                           if c.uptake_map else None)
         self.injector = (ConditionalAffine(1, c.mri_channels, c.injector_width, c.clamp, c.injector_net)
                          if c.injector_width else None)
 
@@ -160,7 +164,10 @@ class PeerDualGlow(nn.Module):
         lp_mri, enc = self.mri_flow.log_prob(mri)
         coupling, prior = mri_conditions(enc.features, enc.zs, self.config.coupling_condition,
                                          self.config.normalize_condition)
-        flow_in, logdet = (pet, 0.0) if self.injector is None else self.injector(pet, mri)
+        flow_in, logdet = (pet, 0.0) if self.uptake_map is None else self.uptake_map(pet)
+        if self.injector is not None:
+            flow_in, injector_logdet = self.injector(flow_in, mri)
+            logdet = logdet + injector_logdet
         lp_pet, _ = self.pet_flow.log_prob(flow_in, coupling, prior)
         lp_pet = lp_pet + logdet
         n = self.config.n_bins

@@ -57,10 +57,15 @@ class SideSpec:
         return len(self.numeric) + sum(len(c) for c in self.categorical.values())
 
     def categorical_channels(self) -> list[int]:
-        """Indices of the one-hot channels in the side vector (a number takes one channel)."""
-        one_hot = [column in self.categorical for column in self.columns
-                   for _ in self.categorical.get(column, [column])]
-        return [index for index, flag in enumerate(one_hot) if flag]
+        """Indices of the one-hot channels in the side vector (a number takes one channel), less
+        each column's default category: reference coding, so effects are differences from the default."""
+        channels, index = [], 0
+        for column in self.columns:
+            for category in self.categorical.get(column, [None]):
+                if column in self.categorical and category != self.defaults[column]:
+                    channels.append(index)
+                index += 1
+        return channels
 
     def pick(self, row: dict[str, str]) -> dict[str, str]:
         """This model's covariates from a manifest row that may hold other columns too."""

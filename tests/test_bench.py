@@ -41,11 +41,12 @@ def test_peer_has_medflow_latents_and_a_finite_loss():
 
 
 def test_peer_shares_the_injector_and_has_medflow_parameters_but_the_channel_mix():
-    """small's peer: same injector, subnets and priors; only the flow blocks (per-step channel mix
+    """small's peer: same uptake map and injector, subnets and priors; only the flow blocks (per-step channel mix
     and affine) differ, so the parameter counts differ by less than the LU matrices."""
     ours = DualGlow.from_preset("small")
     peer = PeerDualGlow.from_preset("small", (16, 16, 16))
     assert sum(p.numel() for p in peer.injector.parameters()) == sum(p.numel() for p in ours.injector.parameters())
+    assert peer.uptake_map.maps.shape == ours.side_scale.maps.shape == (1, 1, 8, 8, 8)
     mix = sum(p.numel() for n, p in ours.named_parameters() if ".invconv." in n)
     assert 0 < ours.num_parameters() - peer.num_parameters() <= mix
     with pytest.raises(ValueError, match="condition encoder"):

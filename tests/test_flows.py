@@ -39,6 +39,9 @@ def blocks(channels=2, cond_channels=3):
         "covariate_scale": (CovariateScale(channels, cond_channels, 3), ("vector", cond_channels)),
         "covariate_scale_some": (CovariateScale(channels, cond_channels, 3, mapped=[0, 2]), ("vector", cond_channels)),
         "covariate_scale_origin": (CovariateScale(channels, cond_channels, 3, origin=-0.5), ("vector", cond_channels)),
+        "covariate_scale_static": (CovariateScale(channels, cond_channels, 3, mapped=[1], origin=-0.5, static=True),
+                                   ("vector", cond_channels)),
+        "uptake_map": (CovariateScale(channels, 0, 3, origin=-0.5, static=True), None),
     }
 
 

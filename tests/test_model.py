@@ -74,7 +74,7 @@ def test_normalized_condition_ignores_the_scale_of_mri_latents(normalize):
 
 @pytest.mark.parametrize("width", [0, 6])
 def test_injector_round_trip_and_log_prob(width):
-    model, mri, pet = trained_tiny(injector_width=8, condition_width=width)
+    model, mri, pet = trained_tiny(injector_width=8, condition_width=width, uptake_map=False)  # the injector alone
     perturb(model, scale=0.05)
     enc = model.mri_flow.encode(mri)
     coupling, prior, cond = model._pet_conditions(mri, enc)
@@ -91,7 +91,7 @@ def test_injector_round_trip_and_log_prob(width):
 
 
 def test_several_draws_run_the_injector_net_once_and_equal_single_inverses():
-    model, mri, _ = trained_tiny(injector_width=8)
+    model, mri, _ = trained_tiny(injector_width=8, uptake_map=False)
     perturb(model, scale=0.05)
     enc = model.mri_flow.encode(mri)
     coupling, prior, cond = model._pet_conditions(mri, enc)
@@ -280,6 +280,19 @@ def test_presets_load_and_build(name):
         print(f"dualglow3d parameters: {model.num_parameters():,}")
     else:
         assert DualGlow.from_preset(name).num_parameters() > 0
+
+
+def test_model_from_before_the_uptake_map_loads_without_it():
+    """Configs written before ``uptake_map`` existed have no such key and no map in their state dict."""
+    values = dict(load_preset("small")["model"])
+    del values["uptake_map"]
+    model = DualGlow(DualGlowConfig.from_dict(values))
+    assert model.side_scale is None and not any("side_scale" in k for k in model.state_dict())
+    assert DualGlow.from_preset("small").side_scale.maps.shape == (1, 1, 8, 8, 8)
+    from medflow.errors import ModelError
+
+    with pytest.raises(ModelError, match="uptake_map needs side_map_cells"):
+        DualGlow.from_preset("tiny", side_map_cells=0)
 
 
 def test_overrides_and_bad_options():

@@ -30,7 +30,7 @@ def test_spec_standardises_numbers_one_hots_categories_and_fills_defaults():
     vec = spec.encode({"age": "80", "sex": "M", "dx": "CN"}, "x")
     assert torch.allclose(vec, torch.tensor([1.0, 0.0, 1.0, 0.0, 1.0]))
     assert torch.allclose(spec.encode({}, "x"), torch.tensor([0.0, 1.0, 0.0, 1.0, 0.0]))
-    assert spec.categorical_channels() == [1, 2, 3, 4]
+    assert spec.categorical_channels() == [2, 4]  # reference coding: no map for the defaults F and AD
     assert SideSpec.from_dict(spec.to_dict()) == spec
     with pytest.raises(InputError, match="not one of"):
         spec.encode({"dx": "FTD"}, "x")
@@ -104,7 +104,8 @@ def test_covariate_maps_scale_the_pet_before_the_injector_and_are_undone_last_in
 def test_side_model_from_before_effect_maps_loads_and_runs_without_them():
     """Side-information models trained before ``side_map_cells`` existed have no such key."""
     values = dict(load_preset("tiny")["model"], side_channels=3)
-    del values["side_map_cells"]
+    for key in ("side_map_cells", "uptake_map", "side_map_origin"):
+        del values[key]
     model = DualGlow(DualGlowConfig.from_dict(values))
     assert model.side_scale is None and "side_scale.maps" not in model.state_dict()
     model.loss(torch.rand(2, 1, 8, 8, 8), torch.randn(2, 1, 8, 8, 8), torch.randn(2, 3))
@@ -130,7 +131,8 @@ def test_effect_maps_about_zero_uptake_remove_a_fraction_of_uptake():
 def test_side_model_from_before_the_origin_option_keeps_scaling_about_zero():
     """Runs trained before ``side_map_origin`` existed scaled about model-space 0 and must load unchanged."""
     values = dict(load_preset("tiny")["model"], side_channels=3)
-    del values["side_map_origin"]
+    for key in ("uptake_map", "side_map_origin"):
+        del values[key]
     model = DualGlow(DualGlowConfig.from_dict(values))
     scale = model.side_scale
     assert scale.origin == 0.0
@@ -153,7 +155,23 @@ def test_effect_maps_follow_only_their_channels():
     assert not torch.allclose(scale(pet, side)[0], scale(pet, dx_changed)[0])
     with pytest.raises(ModelError, match="side_map_channels"):
         DualGlow.from_preset("tiny", side_channels=3, side_map_channels=[1, 3])
-    assert DualGlow.from_preset("tiny", side_channels=1, side_map_channels=[]).side_scale is None  # age only
+    assert DualGlow.from_preset("tiny", side_channels=1, side_map_channels=[]).side_scale.maps.shape[0] == 1  # static
+    assert DualGlow.from_preset("tiny", side_channels=1, side_map_channels=[], uptake_map=False).side_scale is None
+
+
+def test_default_covariates_leave_only_the_static_uptake_map():
+    """Reference coding: the default categories have no map, so at the defaults the scale is the
+    static map alone, and another category adds its own map to it."""
+    spec = SideSpec.fit(["age", "sex", "dx"], ROWS, "train.csv")
+    torch.manual_seed(0)
+    scale = CovariateScale(1, spec.width, 4, mapped=spec.categorical_channels(), origin=-0.5, static=True)
+    static = CovariateScale(1, 0, 4, origin=-0.5, static=True)
+    with torch.no_grad():
+        scale.maps.normal_(0.0, 0.1)
+        static.maps.copy_(scale.maps[-1:])
+    pet = torch.rand(2, 1, 8, 8, 8) - 0.5
+    torch.testing.assert_close(scale(pet, spec.encode({}, "x").expand(2, -1)), static(pet))
+    assert not torch.allclose(scale(pet, spec.encode({"dx": "CN"}, "x").expand(2, -1))[0], static(pet)[0])
 
 
 @pytest.fixture(scope="module")
@@ -185,7 +203,7 @@ def test_synthesis_follows_the_side_information(side_run, tmp_path):
         outs[dx] = nib.load(out).get_fdata()
     assert not np.array_equal(outs["AD"], outs["CN"])
     config = json.loads((run / "config.json").read_text())["model"]
-    assert config["side_map_channels"] == [1, 2]  # dx's two categories; age acts through the top prior only
+    assert config["side_map_channels"] == [1]  # AD (CN, the default, is the reference); age acts through the top prior only
     bad = CliRunner().invoke(app, ["synthesize", str(pairs / "sub-00_t1.nii.gz"), str(tmp_path / "x.nii.gz"),
                                    "--model", str(run), "--side", "dx=FTD"])
     assert bad.exit_code == 3 and "not one of" in bad.stderr and not (tmp_path / "x.nii.gz").exists()

@@ -1,4 +1,5 @@
-"""Covariate scale: a learned map of relative change per side channel, applied voxel-wise to the flow input."""
+"""Covariate scale: learned maps of relative change (one per side channel, and a static one),
+applied voxel-wise to the flow input."""
 
 from __future__ import annotations
 
@@ -11,15 +12,16 @@ from medflow.flows.coupling import soft_clamp
 
 
 class CovariateScale(InvertibleModule):
-    """``y = o + (x - o) * exp(-e)`` for x [B, C, D, H, W], with ``e = sum_k side_k * map_k``
+    """``y = o + (x - o) * exp(-e)`` for x [B, C, D, H, W], with ``e = sum_k w_k * map_k``
     [B, C, D, H, W] and ``o`` the ``origin`` the scale acts about.
 
     ``cond`` is the side vector [B, S] (standardised numbers and one-hot categories, see
-    ``medflow.side``), not a spatial tensor; only its channels ``mapped`` (default: all) have maps,
-    the sum runs over those. Each ``map_k`` [C, cells, cells, cells] is a learned
-    log relative change of ``x - origin`` per unit of covariate k, spread over x's box by trilinear
-    interpolation, so a covariate can act regionally (a diagnosis lowering uptake in some
-    regions only) without any other input; ``e`` is soft-clamped to (-clamp, clamp).
+    ``medflow.side``; None where S is 0), not a spatial tensor. The weights ``w_k`` are its channels
+    ``mapped`` (default: all) and, with ``static``, a constant 1 for a last map every sample shares.
+    Each ``map_k`` [C, cells, cells, cells] is a learned log relative change of ``x - origin`` per
+    unit of its weight, spread over x's box by trilinear interpolation, so a covariate can act
+    regionally (a diagnosis lowering uptake in some regions only) without any other input, and the
+    static map is a coarse atlas of uptake scale; ``e`` is soft-clamped to (-clamp, clamp).
     log|det dy/dx| = -sum(e). The maps start at zero: the transform starts as the identity.
     They are stored divided by ``GAIN`` (as Glow's zero-initialised layers store log-scales
     divided by 3), so that Adam, whose steps are about the learning rate per parameter, moves
@@ -33,21 +35,26 @@ class CovariateScale(InvertibleModule):
     GAIN = 10.0
 
     def __init__(self, channels: int, side_channels: int, cells: int, clamp: float = 2.0,
-                 mapped: list[int] | None = None, origin: float = 0.0):
+                 mapped: list[int] | None = None, origin: float = 0.0, static: bool = False):
         super().__init__()
         self.clamp = clamp
         self.origin = origin
+        self.static = static
         self.mapped = list(range(side_channels)) if mapped is None else list(mapped)
-        self.maps = nn.Parameter(torch.zeros(len(self.mapped), channels, cells, cells, cells))
+        self.maps = nn.Parameter(torch.zeros(len(self.mapped) + static, channels, cells, cells, cells))
 
-    def log_scale(self, side: torch.Tensor, size: torch.Size) -> torch.Tensor:
-        """``e`` [B, C, *size] for side [B, S]."""
-        maps = F.interpolate(self.GAIN * self.maps, size=tuple(size), mode="trilinear", align_corners=True)
-        return soft_clamp(torch.einsum("bs,scdhw->bcdhw", side[:, self.mapped].to(maps), maps), self.clamp)
+    def log_scale(self, side: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+        """``e`` [B, C, D, H, W] for side [B, S] (or None without mapped channels) and x like ``like``."""
+        maps = F.interpolate(self.GAIN * self.maps, size=tuple(like.shape[2:]), mode="trilinear",
+                             align_corners=True)
+        weights = [side[:, self.mapped].to(maps)] if self.mapped else []
+        if self.static:
+            weights.append(maps.new_ones(like.shape[0], 1))
+        return soft_clamp(torch.einsum("bs,scdhw->bcdhw", torch.cat(weights, dim=1), maps), self.clamp)
 
     def forward(self, x, cond=None):
-        e = self.log_scale(cond, x.shape[2:])
+        e = self.log_scale(cond, x)
         return self.origin + (x - self.origin) * torch.exp(-e), -e.flatten(1).sum(1)
 
     def inverse(self, y, cond=None):
-        return self.origin + (y - self.origin) * torch.exp(self.log_scale(cond, y.shape[2:]))
+        return self.origin + (y - self.origin) * torch.exp(self.log_scale(cond, y))
