@@ -2,8 +2,9 @@
 
 On demo data, the same preset is trained for the same number of steps and seeds with
 (a) T1 only, (b) T1 + side information (age, sex, dx), (c) T1 + FLAIR, and each run's conditional
-PET bits per voxel is measured on the held-out (split=test) subjects with its final weights.
-Then the side-information model synthesizes every held-out subject twice at temperature 0, with
+PET bits per voxel is measured on the held-out (split=test) subjects with its final weights; the
+side model is scored again with default covariates and the FLAIR model with each held-out FLAIR
+made without its lesions, so that the same weights show how much they use what was changed. Then the side-information model synthesizes every held-out subject twice at temperature 0, with
 dx=CN and with dx=AD (all else equal), and the difference CN - AD is compared inside the
 recipe's hypometabolism pattern against the rest of the grey matter. Writes CONDITIONING.md.
 """
@@ -34,27 +35,62 @@ VARIANTS = {  # name: (MRI columns, side columns)
     "T1 + side (age, sex, dx)": (["mri"], ["age", "sex", "dx"]),
     "T1 + FLAIR": (["mri", "t2"], []),
 }
-SIDE_VARIANT = "T1 + side (age, sex, dx)"
+SIDE_VARIANT, FLAIR_VARIANT = "T1 + side (age, sex, dx)", "T1 + FLAIR"
+PAIRED_ROWS = [  # (variant, result key, what changed): the same weights scored on changed held-out inputs
+    (SIDE_VARIANT, "default_side_bpv", "every covariate at its default"),
+    (FLAIR_VARIANT, "lesion_free_bpv", "each FLAIR without its lesions"),
+]
 # Regions on each subject's grid: the hypometabolism core and grey matter away from it.
 CORE, OUTSIDE, GREY = 0.5, 0.05, 0.5
 
 
-def write_test_csv(data_csv: Path) -> Path:
-    """The split=test rows of ``data_csv`` as their own manifest beside it."""
+def test_rows(data_csv: Path) -> list[dict]:
+    """The split=test rows of ``data_csv``."""
     with open(data_csv, newline="") as f:
-        rows = list(csv.DictReader(f))
-    path = data_csv.with_name("test.csv")
+        return [r for r in csv.DictReader(f) if r["split"] == "test"]
+
+
+def write_test_csv(data_csv: Path, name: str = "test.csv", t2: dict[str, str] | None = None) -> Path:
+    """The split=test rows of ``data_csv`` as their own manifest ``name`` beside it, with the FLAIR
+    paths ``t2`` (subject: path relative to the CSV) where given."""
+    rows = [{**r, "t2": (t2 or {}).get(r["subject"], r["t2"])} for r in test_rows(data_csv)]
+    path = data_csv.with_name(name)
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
-        writer.writerows(r for r in rows if r["split"] == "test")
+        writer.writerows(rows)
     return path
 
 
-def train_variant(data_csv: Path, test_csv: Path, out: Path, variant: str, seed: int, args) -> dict:
+def write_lesion_free_flair(data_csv: Path, data_seed: int, spacing: float) -> tuple[Path, float]:
+    """Each held-out subject's FLAIR made again by the recipe without its lesions (the PET keeps
+    them; ``make_demo_subject(flair_lesions=False)``) beside ``data_csv``, and a test manifest that
+    uses them; also the fraction of held-out brain voxels where the lesions lower PET uptake by 3 %
+    or more (``lesion_pet_weight`` >= 0.1: 30-50 % of the uptake at weight 1)."""
+    import nibabel as nib
+
+    from medflow.demo_data import lesion_pet_weight, make_demo_subject
+
+    folder = data_csv.parent / "lesion-free"
+    folder.mkdir()
+    paths, fractions = {}, []
+    for row in test_rows(data_csv):
+        subject = make_demo_subject(int(row["subject"].split("-")[1]) - 1, seed=data_seed, spacing=spacing,
+                                    flair_lesions=False)
+        original = nib.load(data_csv.parent / row["t2"])
+        nib.save(nib.Nifti1Image(subject.t2, original.affine, original.header), folder / f"{row['subject']}_t2.nii.gz")
+        paths[row["subject"]] = f"{folder.name}/{row['subject']}_t2.nii.gz"
+        fractions.append(float(np.mean(lesion_pet_weight(subject.lesions, spacing)[subject.mask > 0] >= 0.1)))
+    return write_test_csv(data_csv, "test-lesion-free.csv", paths), float(np.mean(fractions))
+
+
+def train_variant(data_csv: Path, test_csv: Path, lesion_free_csv: Path, out: Path, variant: str, seed: int,
+                  args) -> dict:
     """Train one variant; returns steps, seconds and held-out PET bits per voxel of the final weights
-    (NaN, with the reason, for a run that stopped on non-finite losses)."""
+    (NaN, with the reason, for a run that stopped on non-finite losses), and for the side and FLAIR
+    variants the same weights' score with default covariates or with FLAIRs without lesions."""
     from medflow.errors import TrainingError
+    from medflow.manifest import read_manifest
     from medflow.train import Trainer, TrainOptions
 
     mri_columns, side_columns = VARIANTS[variant]
@@ -69,24 +105,27 @@ def train_variant(data_csv: Path, test_csv: Path, out: Path, variant: str, seed:
             result["heldout_pet_bpv"] = trainer.run(progress)["val_pet_bpv"]
         result["voxels"] = float(np.mean([trainer.eval_item(item)[1][0].numel() for item in trainer.val_cache]))
         if side_columns:
-            result["default_side_bpv"] = heldout_bpv_with_default_side(trainer)
+            default = trainer.side_spec.encode({}, "default side information").tolist()
+            result["default_side_bpv"] = heldout_bpv(trainer, [{**item, "side": default} for item in trainer.val_cache])
+        if "t2" in mri_columns:
+            subjects = read_manifest(lesion_free_csv, mri_columns)
+            result["lesion_free_bpv"] = heldout_bpv(trainer, trainer.load_cache(subjects, str(lesion_free_csv)))
     except TrainingError as exc:
         console.print(f"  [red]{exc}[/red]")
         result.update(heldout_pet_bpv=float("nan"), failure=str(exc))
     return {**result, "steps": trainer.step, "seconds": time.monotonic() - start}
 
 
-def heldout_bpv_with_default_side(trainer) -> float:
-    """Held-out PET bits per voxel of a trained side-information model with every covariate at its
-    default instead of the subject's own: the same weights and data, so the difference to the true
-    covariates measures how much the model uses them."""
+def heldout_bpv(trainer, items) -> float:
+    """Mean PET bits per voxel of a trained model over dataset ``items`` (stage-1 records, see
+    ``Trainer.load_cache``), as validation computes it: with the training's own model and data, items
+    whose covariates or FLAIR were changed measure how much the model uses them."""
     model = trainer.ema.module if trainer.ema else trainer.model
     model.eval()
-    default = trainer.side_spec.encode({}, "default side information").tolist()
     bpv = []
     with torch.no_grad():
-        for item in trainer.val_cache:
-            mri, pet, side = trainer.eval_item({**item, "side": default})
+        for item in items:
+            mri, pet, side = trainer.eval_item(item)
             bpv.append(model.log_prob(pet, mri, side)["pet_bpv"].item())
     return float(np.mean(bpv))
 
@@ -132,19 +171,19 @@ def dx_contrast(run: Path, data_csv: Path, work: Path, data_seed: int, spacing: 
     return rows
 
 
-def study_markdown(command: str, started: datetime, runs: list[dict], contrast: list[dict], args) -> str:
+def study_markdown(command: str, started: datetime, runs: list[dict], contrast: list[dict], lesion_fraction: float,
+                   args) -> str:
     by_variant = {v: [r for r in runs if r["variant"] == v] for v in VARIANTS}
     base = {r["seed"]: r["heldout_pet_bpv"] for r in by_variant["T1"]}
     rows = [[v, ", ".join(f"{r['heldout_pet_bpv']:.4f}" for r in rs),
              f"{np.mean([r['heldout_pet_bpv'] for r in rs]):.4f}",
              "" if v == "T1" else f"{np.mean([r['heldout_pet_bpv'] - base[r['seed']] for r in rs]):+.4f}",
              f"{np.mean([r['seconds'] for r in rs]):.0f}"] for v, rs in by_variant.items()]
-    side_runs = [r for r in by_variant[SIDE_VARIANT] if "default_side_bpv" in r]
-    rows.insert(list(VARIANTS).index(SIDE_VARIANT) + 1, [
-        f"{SIDE_VARIANT}, same weights, every covariate at its default",
-        ", ".join(f"{r['default_side_bpv']:.4f}" for r in side_runs),
-        f"{np.mean([r['default_side_bpv'] for r in side_runs]):.4f}",
-        f"{np.mean([r['default_side_bpv'] - base[r['seed']] for r in side_runs]):+.4f}", ""])
+    for variant, key, label in reversed(PAIRED_ROWS):
+        paired = [r for r in by_variant[variant] if key in r]
+        rows.insert(list(VARIANTS).index(variant) + 1, [
+            f"{variant}, same weights, {label}", ", ".join(f"{r[key]:.4f}" for r in paired),
+            f"{np.mean([r[key] for r in paired]):.4f}", f"{np.mean([r[key] - base[r['seed']] for r in paired]):+.4f}", ""])
     contrast_rows = [[c["subject"], c["dx"], f"{c['core']:.4f}", f"{100 * c['core_relative']:.1f}",
                       f"{c['rest']:.4f}", f"{100 * c['rest_relative']:.1f}"] for c in contrast]
     failures = "".join(f"\n\nRun {r['variant']}, seed {r['seed']} failed: {r['failure']}"
@@ -165,7 +204,12 @@ Demo data: {args.subjects} subjects (the last {args.heldout} held out, split=tes
 come from each run's final weights on the held-out subjects, which no run trains or selects on.
 The difference column is paired by seed against T1 alone. The row "every covariate at its default"
 evaluates the side-information model's final weights with each held-out subject's age, sex and dx
-replaced by the defaults: the gap to its own row is how much of its score comes from the covariates.{failures}
+replaced by the defaults: the gap to its own row is how much of its score comes from the covariates.
+Likewise the row "each FLAIR without its lesions" evaluates the FLAIR model's final weights with each
+held-out FLAIR made again by the recipe without its white-matter lesions (the PET keeps them, every
+other draw is the same): the gap is how much of its score comes from what the FLAIR shows and the
+T1 does not. The lesions lower PET uptake by 3 % or more in {100 * lesion_fraction:.1f} % of the held-out
+subjects' brain voxels: the part of the PET that only the FLAIR shows is that small.{failures}
 
 {md_table(["variant", "held-out PET bit/voxel per seed", "mean", "vs T1", "train s"], rows)}
 
@@ -228,18 +272,20 @@ def main(argv: list[str] | None = None) -> None:
         data_csv = make_demo_dataset(work / "data", args.subjects, seed=args.data_seed, spacing=args.data_spacing,
                                      heldout=args.heldout)
         test_csv = write_test_csv(data_csv)
+        lesion_free_csv, lesion_fraction = write_lesion_free_flair(data_csv, args.data_seed, args.data_spacing)
         runs = []
         for seed in args.seeds:
             for variant in VARIANTS:
                 console.print(f"training {variant}, seed {seed}")
-                runs.append(train_variant(data_csv, test_csv, work / f"run-{len(runs)}", variant, seed, args))
+                runs.append(train_variant(data_csv, test_csv, lesion_free_csv, work / f"run-{len(runs)}", variant, seed,
+                                          args))
                 console.print(f"  held-out PET {runs[-1]['heldout_pet_bpv']:.4f} bit/voxel")
         side_run = work / f"run-{list(VARIANTS).index(SIDE_VARIANT)}"
         (work / "synth").mkdir()
         contrast = dx_contrast(side_run, data_csv, work / "synth", args.data_seed, args.data_spacing, args.device)
     show("held-out PET bit/voxel", ["variant", "seed", "bit/voxel"],
          [[r["variant"], str(r["seed"]), f"{r['heldout_pet_bpv']:.4f}"] for r in runs])
-    args.out.write_text(study_markdown(command, started, runs, contrast, args))
+    args.out.write_text(study_markdown(command, started, runs, contrast, lesion_fraction, args))
     console.print(f"wrote {args.out}")
 
 

@@ -258,6 +258,12 @@ def _flair(rng, tpl, gm, wm, csf, lesions, inside) -> np.ndarray:
     return np.round(noisy * np.float32(rng.uniform(150.0, 1000.0)))
 
 
+def lesion_pet_weight(lesions: np.ndarray, spacing: float) -> np.ndarray:
+    """Where white-matter lesions lower FDG uptake, in [0, 1]: the lesion load blurred over 3 mm
+    and saturating; the PET loses 30-50 % (drawn per subject) of its uptake where it is 1."""
+    return np.clip(3.0 * ndimage.gaussian_filter(lesions, 3.0 / spacing), 0.0, 1.0)
+
+
 def _pet(rng, tpl, gm, wm, csf, hypometabolism, drop, lesions, inside) -> np.ndarray:
     """FDG-PET in SUV-like units: tissue uptake, hypometabolism, lesion effect, scanner blur and noise."""
     spacing = float(tpl.affine[0, 0])
@@ -266,8 +272,7 @@ def _pet(rng, tpl, gm, wm, csf, hypometabolism, drop, lesions, inside) -> np.nda
     wm_uptake = 1.0 / rng.uniform(2.5, 3.0)
     csf_uptake = wm_uptake / rng.uniform(3.0, 4.0)
     uptake = gm * gm_uptake + np.float32(wm_uptake) * wm + np.float32(csf_uptake) * csf
-    halo = ndimage.gaussian_filter(lesions, 3.0 / spacing)
-    uptake *= 1.0 - np.float32(rng.uniform(0.3, 0.5)) * np.clip(3.0 * halo, 0.0, 1.0)
+    uptake *= 1.0 - np.float32(rng.uniform(0.3, 0.5)) * lesion_pet_weight(lesions, spacing)
     fwhm = rng.uniform(6.0, 8.0)
     uptake = ndimage.gaussian_filter(uptake, np.sqrt(max(fwhm**2 - spacing**2, 0.0)) / FWHM_PER_SIGMA / spacing)
     uptake *= np.float32(rng.uniform(1.0, 1.5) / uptake[inside].mean())
@@ -278,10 +283,13 @@ def _pet(rng, tpl, gm, wm, csf, hypometabolism, drop, lesions, inside) -> np.nda
     return np.round(np.clip(uptake, 0.0, None) * 4096.0) / np.float32(4096.0)
 
 
-def make_demo_subject(index: int, *, seed: int = 0, spacing: float = 2.0, dx: str | None = None) -> DemoSubject:
+def make_demo_subject(index: int, *, seed: int = 0, spacing: float = 2.0, dx: str | None = None,
+                      flair_lesions: bool = True) -> DemoSubject:
     """Simulate subject ``index`` (named ``sub-{index+1:03d}``) of the demo cohort for ``seed``.
 
     ``dx`` forces the diagnosis (CN, MCI or AD) instead of drawing it; all other draws are unchanged.
+    ``flair_lesions=False`` leaves the lesions out of the FLAIR only (the PET and ``lesions`` keep
+    them, every draw is unchanged): the same subject's FLAIR without the information it adds.
     """
     if dx is not None and dx not in DIAGNOSES:
         raise ValueError(f"dx must be one of {', '.join(DIAGNOSES)}, not {dx!r}")
@@ -305,7 +313,7 @@ def make_demo_subject(index: int, *, seed: int = 0, spacing: float = 2.0, dx: st
     lesions = _lesions(rng, tpl, wm, age)
 
     t1 = _t1(rng, tpl, gm, wm, csf, detail, inside)
-    t2 = _flair(rng, tpl, gm, wm, csf, lesions, inside)
+    t2 = _flair(rng, tpl, gm, wm, csf, lesions if flair_lesions else np.zeros_like(lesions), inside)
     pet = _pet(rng, tpl, gm, wm, csf, hypometabolism, drop, lesions, inside)
     return DemoSubject(f"sub-{index + 1:03d}", age, sex, diagnosis, drop, t1, t2, pet,
                        inside.astype(np.uint8), gm, wm, csf, lesions, hypometabolism)

@@ -202,6 +202,12 @@ class Trainer:
             "val_fraction": opts.val_fraction,
         }
 
+    def load_cache(self, subjects: list[Subject], source: str) -> CacheDataset:
+        """``subjects`` read, resampled and normalised (stage 1) as for training; ``eval_item`` takes its items."""
+        s = self.settings
+        pre = stage1(tuple(s["spacing"]), 2, pet_normalization=s.get("pet_normalization", "none"))
+        return CacheDataset(_records(subjects, self.side_spec, source), pre, progress=False, num_workers=0)
+
     def _load_data(self) -> None:
         opts, s = self.opts, self.settings
         subjects = read_manifest(Path(s["data"]), s["mri_columns"], allow_outside=opts.allow_outside_paths)
@@ -219,11 +225,9 @@ class Trainer:
         self.side_spec = SideSpec.from_dict(s["side"]) if s.get("side") else None
         levels = len(s["model"]["steps"])
         normalization = s.get("pet_normalization", "none")
-        pre = stage1(tuple(s["spacing"]), 2, pet_normalization=normalization)
         self.report(f"loading {len(train)} training and {len(val)} validation subjects")
-        self.train_cache = CacheDataset(_records(train, self.side_spec, s["data"]), pre, progress=False, num_workers=0)
-        self.val_cache = (CacheDataset(_records(val, self.side_spec, s["val"] or s["data"]), pre, progress=False,
-                                       num_workers=0) if val else [])
+        self.train_cache = self.load_cache(train, s["data"])
+        self.val_cache = self.load_cache(val, s["val"] or s["data"]) if val else []
         if "preprocessing" in s:
             self.prep = Preprocessing.from_dict(s["preprocessing"])
         else:

@@ -14,8 +14,11 @@ def test_study_writes_every_variant_and_the_dx_contrast(tmp_path):
     for variant in VARIANTS:
         row = next(line for line in text.splitlines() if line.startswith(f"| {variant} |"))
         assert math.isfinite(float(row.split("|")[3]))
-    default = next(line for line in text.splitlines() if "every covariate at its default |" in line)
-    assert math.isfinite(float(default.split("|")[3])) and math.isfinite(float(default.split("|")[4]))
+    for changed in ("every covariate at its default |", "each FLAIR without its lesions |"):
+        paired = next(line for line in text.splitlines() if changed in line)
+        assert math.isfinite(float(paired.split("|")[3])) and math.isfinite(float(paired.split("|")[4]))
+    fraction = float(re.search(r"by 3 % or more in (\S+) % of the held-out", text).group(1))
+    assert 0.0 < fraction < 100.0
     contrast = [line for line in text.splitlines() if re.match(r"\| sub-\d{3} \|", line)]
     assert len(contrast) == 2 and all(math.isfinite(float(c.split("|")[3])) for c in contrast)
     assert "failed" not in text

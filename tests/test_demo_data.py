@@ -95,6 +95,16 @@ def test_lesions_lower_pet_and_show_in_flair_only():
     assert abs(subject.t1[lesion].mean() / subject.t1[clean].mean() - 1) < 0.1
 
 
+def test_flair_without_lesions_changes_the_flair_only():
+    subject = make_demo_subject(0, seed=5, spacing=4.0, dx="CN")
+    clean = make_demo_subject(0, seed=5, spacing=4.0, dx="CN", flair_lesions=False)
+    for name in ("t1", "pet", "lesions", "mask"):
+        assert np.array_equal(getattr(subject, name), getattr(clean, name)), name
+    lesion, unaffected = subject.lesions > 0.5, subject.lesions == 0
+    assert clean.t2[lesion].mean() < 0.8 * subject.t2[lesion].mean()
+    assert np.array_equal(clean.t2[unaffected], subject.t2[unaffected])
+
+
 def test_deterministic_per_seed():
     first = make_demo_subject(2, seed=4, spacing=SPACING)
     again = make_demo_subject(2, seed=4, spacing=SPACING)
