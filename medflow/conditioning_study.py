@@ -4,9 +4,10 @@ On demo data, the same preset is trained for the same number of steps and seeds 
 (a) T1 only, (b) T1 + side information (age, sex, dx), (c) T1 + FLAIR, and each run's conditional
 PET bits per voxel is measured on the held-out (split=test) subjects with its final weights; the
 side model is scored again with default covariates and the FLAIR model with each held-out FLAIR
-made without its lesions, so that the same weights show how much they use what was changed. Then the side-information model synthesizes every held-out subject twice at temperature 0, with
-dx=CN and with dx=AD (all else equal), and the difference CN - AD is compared inside the
-recipe's hypometabolism pattern against the rest of the grey matter. Writes CONDITIONING.md.
+made without its lesions, so that the same weights show how much they use what was changed. Then
+the side-information model synthesizes every held-out subject twice at temperature 0, with dx=CN
+and with dx=AD (all else equal), and the difference CN - AD is compared inside the recipe's
+hypometabolism pattern against the rest of the grey matter. Writes CONDITIONING.md.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ PAIRED_ROWS = [  # (variant, result key, what changed): the same weights scored 
 CORE, OUTSIDE, GREY = 0.5, 0.05, 0.5
 
 
-def test_rows(data_csv: Path) -> list[dict]:
+def heldout_rows(data_csv: Path) -> list[dict]:
     """The split=test rows of ``data_csv``."""
     with open(data_csv, newline="") as f:
         return [r for r in csv.DictReader(f) if r["split"] == "test"]
@@ -53,7 +54,7 @@ def test_rows(data_csv: Path) -> list[dict]:
 def write_test_csv(data_csv: Path, name: str = "test.csv", t2: dict[str, str] | None = None) -> Path:
     """The split=test rows of ``data_csv`` as their own manifest ``name`` beside it, with the FLAIR
     paths ``t2`` (subject: path relative to the CSV) where given."""
-    rows = [{**r, "t2": (t2 or {}).get(r["subject"], r["t2"])} for r in test_rows(data_csv)]
+    rows = [{**r, "t2": (t2 or {}).get(r["subject"], r["t2"])} for r in heldout_rows(data_csv)]
     path = data_csv.with_name(name)
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
@@ -74,7 +75,7 @@ def write_lesion_free_flair(data_csv: Path, data_seed: int, spacing: float) -> t
     folder = data_csv.parent / "lesion-free"
     folder.mkdir()
     paths, fractions = {}, []
-    for row in test_rows(data_csv):
+    for row in heldout_rows(data_csv):
         subject = make_demo_subject(int(row["subject"].split("-")[1]) - 1, seed=data_seed, spacing=spacing,
                                     flair_lesions=False)
         original = nib.load(data_csv.parent / row["t2"])

@@ -44,9 +44,9 @@ class DualGlowConfig:
     those maps scale about, -0.5 (zero uptake: the maps are relative changes of uptake) in every preset,
     0.0 in configs written before this option existed; side_map_channels: the side channels that have
     such a map (training sets the one-hot categories but each covariate's default, the reference: a
-    map times a standardised number would extrapolate without bound beyond the training range), None for all, [] for none; side_adversary:
-    weight of the gradient-reversal discriminators that push side information out of the
-    lower PET latents; injector_width: if > 0, the PET flow starts with a voxel-wise
+    map times a standardised number would extrapolate without bound beyond the training range),
+    None for all, [] for none; side_adversary: weight of the gradient-reversal discriminators that
+    push side information out of the lower PET latents; injector_width: if > 0, the PET flow starts with a voxel-wise
     conditional affine transform ``(pet - mu) * exp(-log_s)`` whose ``mu`` and ``log_s`` a
     conv net of this width computes at full resolution from the MRI (with the condition
     encoder's finest features, where present): SRFlow's affine
