@@ -46,8 +46,9 @@ class DualGlowConfig:
     such a map (training sets the one-hot categories but each covariate's default, the reference: a
     map times a standardised number would extrapolate without bound beyond the training range),
     None for all, [] for none; side_adversary: weight of the gradient-reversal discriminators that
-    push side information out of the lower PET latents; injector_width: if > 0, the PET flow starts with a voxel-wise
-    conditional affine transform ``(pet - mu) * exp(-log_s)`` whose ``mu`` and ``log_s`` a
+    push side information out of the lower PET latents; injector_width: if > 0, the PET flow
+    starts with a voxel-wise conditional affine transform ``(pet - mu) * exp(-log_s)`` whose
+    ``mu`` and ``log_s`` a
     conv net of this width computes at full resolution from the MRI (with the condition
     encoder's finest features, where present): SRFlow's affine
     injector, so the flows model PET relative to an MRI-based estimate; injector_net: that
