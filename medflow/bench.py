@@ -727,7 +727,7 @@ and scored inside its brain mask by `medflow.metrics.compute_metrics`; mean ± S
 Calibration of the uncertainty: percentage of brain-mask voxels whose truth lies within
 mean ± z std of the {samples} samples, mean ± SD over the test subjects. "Ideal" is what a perfectly
 calibrated Gaussian model scores (`calibration.ideal_coverage`): with mean and std estimated from {samples}
-samples, z = 1.645 reaches {100 * ideal_coverage(COVERAGE_Z, samples):.1f} %, not 90 %; z = {prediction_z(samples):.3f} is the
+samples in antithetic pairs, z = 1.645 reaches {100 * ideal_coverage(COVERAGE_Z, samples):.1f} %, not 90 %; z = {prediction_z(samples):.3f} is the
 finite-sample 90 % prediction interval (`calibration.prediction_z`). Truth is
 the test subject's PET as it is, and rescaled to the synthesis's global mean
 (`bench.level_matched`): `small` learns global-mean-normalised PET (`--pet-normalization`),

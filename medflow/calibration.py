@@ -1,10 +1,10 @@
 """Calibration of the spread of medflow's samples.
 
-With N samples per subject, ``medflow synthesize`` writes their mean and (ddof 0) standard
-deviation. The uncertainty map is calibrated when the truth lies within mean +- z std as often
-as it would for a model whose samples come from the truth's own distribution
-(``ideal_coverage``: Student-t, because mean and std are estimates from N samples; 81 % for
-z = 1.645 and N = 8, not 90 %). ``calibrate_temperature`` finds the prior temperature at which
+With N samples per subject (N/2 antithetic pairs, ``DualGlow.sample``), ``medflow synthesize``
+writes their mean and (ddof 0) standard deviation. The uncertainty map is calibrated when the
+truth lies within mean +- z std as often as it would for a model whose samples come from the
+truth's own distribution (``ideal_coverage``: Student-t, because the std is an estimate from N/2
+independent pairs; 82 % for z = 1.645 and N = 8, not 90 %). ``calibrate_temperature`` finds the prior temperature at which
 a trained model reaches that coverage on validation subjects; ``medflow train`` records it and
 ``medflow synthesize`` samples at it unless ``--temperature`` is given.
 """
@@ -30,23 +30,26 @@ def coverage(mean, std, ref, mask, z: float = COVERAGE_Z) -> float:
     return float(inside[mask].sum()) / max(int(mask.sum()), 1)
 
 
-def _t_scale(n: int) -> float:
-    """(truth - mean) / (std * this) is Student-t with n-1 degrees of freedom for a perfectly
-    calibrated Gaussian model whose mean and std (ddof 0, as ``medflow synthesize`` writes it)
-    come from n samples."""
-    return math.sqrt((n + 1) / (n - 1))
+def _degrees_of_freedom(n: int) -> int:
+    """(truth - mean) / std is Student-t with n/2 degrees of freedom for a perfectly calibrated
+    Gaussian model sampled in n/2 antithetic pairs m +- s eps_k: their mean is m itself and their
+    std (ddof 0, as ``medflow synthesize`` writes it) is s sqrt(chi2_{n/2} / (n/2)). Exact where
+    the flow is affine in its noise, to first order in the temperature otherwise."""
+    if n < 2 or n % 2:
+        raise ValueError(f"coverage needs an even number of samples (antithetic pairs), got {n}")
+    return n // 2
 
 
 def ideal_coverage(z: float, n: int) -> float:
     """Coverage of mean +- z std (n samples) for a perfectly calibrated Gaussian model
-    (0.81 for z = 1.645, n = 8)."""
-    return float(2.0 * student_t.cdf(z / _t_scale(n), n - 1) - 1.0)
+    (0.82 for z = 1.645, n = 8)."""
+    return float(2.0 * student_t.cdf(z, _degrees_of_freedom(n)) - 1.0)
 
 
 def prediction_z(n: int, level: float = 0.90) -> float:
     """The z for which mean +- z std (n samples) holds the truth with probability ``level``
     under a perfectly calibrated Gaussian model: the finite-sample prediction interval."""
-    return float(student_t.ppf(0.5 + level / 2.0, n - 1) * _t_scale(n))
+    return float(student_t.ppf(0.5 + level / 2.0, _degrees_of_freedom(n)))
 
 
 @dataclass

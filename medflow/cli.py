@@ -204,7 +204,8 @@ def synthesize(
     temperature: float = typer.Option(None, help="Prior temperature T: 0 = prior mean, 1 = the learnt spread; "
                                                  "default: the model's, calibrated on its validation subjects "
                                                  "(config.json 'calibration'), else 0.5."),
-    samples: int = typer.Option(4, help="Number of PET samples N; the output is their mean."),
+    samples: int = typer.Option(4, help="Number of PET samples N, 1 or even (drawn in antithetic pairs); "
+                                        "the output is their mean."),
     std: Path = typer.Option(None, help="Write the voxel-wise std of the N samples here (file; folder in batch mode)."),
     qc: Path = typer.Option(None, help="Write a PNG of orthogonal slices here (file; folder in batch mode)."),
     seed: int = typer.Option(0, help="Seed: identical seeds give identical outputs."),
@@ -229,8 +230,8 @@ def synthesize(
     from medflow.trained import load_trained
 
     def body():
-        if samples < 1:
-            raise InputError("--samples must be at least 1")
+        if samples < 1 or (samples > 1 and samples % 2):
+            raise InputError(f"--samples must be 1 or even (samples are drawn in antithetic pairs), got {samples}")
         if temperature is not None and temperature < 0:
             raise InputError("--temperature must be >= 0")
         dev = resolve_device(device)

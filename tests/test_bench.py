@@ -102,7 +102,7 @@ def test_quality_markdown_and_level_matching():
     text = bench.quality_markdown(result)
     assert "seed 0)" in text
     assert "| U-Net | 20.00 ± 0.00 | 0.800 ± 0.000 |" in text
-    assert "| true PET | 0.5 | mean ± 1.645 std | 81.0 | 85.0 ± 7.1 |" in text
+    assert "| true PET | 0.5 | mean ± 1.645 std | 82.5 | 85.0 ± 7.1 |" in text
     assert "The calibrated temperature T = 1.25" in text and "reached 85.5 %" in text
     assert "no validation subjects" in bench.calibration_text(None)
     truth = np.zeros((8, 8, 8))

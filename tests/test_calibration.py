@@ -16,33 +16,37 @@ def test_coverage_counts_mask_voxels_inside_the_interval():
 
 
 def test_ideal_coverage_matches_a_perfectly_calibrated_model():
-    """Oracle: truth and 8 samples drawn from the same Gaussian per voxel, mean and ddof-0 std from
-    the samples; the measured coverage matches ``ideal_coverage`` (0.81 at z = 1.645, not 0.90) and
-    the finite-sample interval ``prediction_z`` holds 90 %."""
+    """Oracle: truth and 8 samples (4 antithetic pairs, as ``DualGlow.sample`` draws them) from the
+    same Gaussian per voxel, mean and ddof-0 std from the samples; the measured coverage matches
+    ``ideal_coverage`` (0.82 at z = 1.645, not 0.90) and the finite-sample interval ``prediction_z``
+    holds 90 %."""
     rng = np.random.default_rng(0)
     loc, scale = rng.normal(size=200_000), rng.uniform(0.5, 2.0, 200_000)
-    draws = loc + scale * rng.standard_normal((8, loc.size))
+    eps = rng.standard_normal((4, loc.size))
+    draws = loc + scale * np.concatenate([eps, -eps])
     truth = loc + scale * rng.standard_normal(loc.size)
     mean, std, mask = draws.mean(0), draws.std(0), np.ones(loc.size, bool)
-    assert calibration.ideal_coverage(1.645, 8) == pytest.approx(0.810, abs=0.002)
+    assert calibration.ideal_coverage(1.645, 8) == pytest.approx(0.825, abs=0.002)
     assert calibration.coverage(mean, std, truth, mask) == pytest.approx(calibration.ideal_coverage(1.645, 8),
                                                                           abs=0.004)
     z = calibration.prediction_z(8)
     assert calibration.ideal_coverage(z, 8) == pytest.approx(0.90, abs=1e-9)
     assert calibration.coverage(mean, std, truth, mask, z) == pytest.approx(0.90, abs=0.004)
     assert calibration.ideal_coverage(1.645, 10**6) == pytest.approx(0.90, abs=1e-4)
+    with pytest.raises(ValueError, match="even"):
+        calibration.ideal_coverage(1.645, 7)
 
 
 class GaussianModel:
-    """Stands in for DualGlow: samples are loc + T * scale * eps, so temperature ``k`` reproduces a
-    truth drawn as loc + k * scale * eps."""
+    """Stands in for DualGlow: samples are loc + T * scale * eps in antithetic pairs, so temperature
+    ``k`` reproduces a truth drawn as loc + k * scale * eps."""
 
     def __init__(self, loc: torch.Tensor, scale: torch.Tensor):
         self.loc, self.scale = loc, scale
 
     def sample(self, mri, temperature, n, generator, side):
-        eps = torch.randn((n, 1, 1, *self.loc.shape), generator=generator)
-        return self.loc + temperature * self.scale * eps
+        eps = torch.randn((n // 2, 1, 1, *self.loc.shape), generator=generator)
+        return self.loc + temperature * self.scale * torch.cat([eps, -eps])
 
 
 @pytest.mark.parametrize("spread", [0.6, 1.0, 1.7])

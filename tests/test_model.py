@@ -97,13 +97,51 @@ def test_several_draws_run_the_injector_net_once_and_equal_single_inverses():
     coupling, prior, cond = model._pet_conditions(mri, enc)
     calls = []
     hook = model.injector.net.register_forward_hook(lambda *args: calls.append(1))
-    draws = model.sample(mri, temperature=0.7, n=3, generator=torch.Generator().manual_seed(5))
+    draws = model.sample(mri, temperature=0.7, n=4, generator=torch.Generator().manual_seed(5))
     hook.remove()
-    assert len(calls) == 1 and draws.shape == (3, 4, 1, 8, 8, 8)
+    assert len(calls) == 1 and draws.shape == (4, 4, 1, 8, 8, 8)
     generator = torch.Generator().manual_seed(5)
-    for draw in draws:
-        flow = model.pet_flow.sample(4, (8, 8, 8), 0.7, coupling, prior, generator)
+    for k, draw in enumerate(draws):
+        if k % 2 == 0:
+            state = generator.get_state()
+        generator.set_state(state)
+        flow = model.pet_flow.sample(4, (8, 8, 8), 0.7, coupling, prior, generator, mirror=k % 2 == 1)
         torch.testing.assert_close(draw, model.injector.inverse(flow, cond))
+
+
+def test_antithetic_pairs_mirror_every_level_and_cancel_first_order_noise():
+    """Oracle: re-encoding draws 0 and 1 gives latents z = mu + T sigma eps at every level with
+    opposite eps; and as T halves, a single draw's distance to the T = 0 mode halves while the pair
+    mean's falls by 2^1.5 (the pair cancels the noise's first-order term; the ReLU kinks of the
+    subnets leave a T^1.5 remainder where a smooth flow would leave T^2)."""
+    model, mri, _ = trained_tiny(injector_width=8, uptake_map=False)
+    perturb(model, scale=0.05)
+    enc = model.mri_flow.encode(mri)
+    coupling, prior, cond = model._pet_conditions(mri, enc)
+    draws = model.sample(mri, temperature=0.5, n=2, generator=torch.Generator().manual_seed(3))
+    noise = []
+    for draw in draws:
+        flow_in, _ = model.injector(draw, cond)
+        pet_enc = model.pet_flow.encode(flow_in, coupling)
+        levels = []
+        for i, z in enumerate(pet_enc.zs):
+            mean, log_sigma = model.pet_flow.priors[i].params(
+                model.pet_flow._prior_cond(i, pet_enc.kept[i], prior), z.shape, z.device)
+            levels.append((z - mean) / (0.5 * log_sigma.exp()))
+        noise.append(levels)
+    for a, b in zip(*noise):
+        assert a.abs().mean() > 0.5
+        torch.testing.assert_close(a, -b, atol=2e-3, rtol=0)
+    mode = model.sample(mri, temperature=0.0)[0]
+    single, pair = [], []
+    for t in (0.2, 0.1):
+        draws = model.sample(mri, temperature=t, n=2, generator=torch.Generator().manual_seed(3))
+        single.append((draws[0] - mode).norm())
+        pair.append((draws.mean(0) - mode).norm())
+    assert 1.8 < single[0] / single[1] < 2.2
+    assert 2.6 < pair[0] / pair[1] and pair[1] < 0.1 * single[1]
+    with pytest.raises(ValueError, match="1 or even"):
+        model.sample(mri, temperature=0.5, n=3)
 
 
 def test_bf16_coupling_inverts_exactly():
@@ -229,10 +267,10 @@ def test_memory_saving_backward_matches_autograd(overrides):
 
 def test_sample_shapes_temperature_zero_is_deterministic():
     model, mri, _ = trained_tiny()
-    draws = model.sample(mri[:2], temperature=0.7, n=3, generator=torch.Generator().manual_seed(1))
-    assert draws.shape == (3, 2, 1, 8, 8, 8)
-    assert not torch.equal(draws[0], draws[1])
-    again = model.sample(mri[:2], temperature=0.7, n=3, generator=torch.Generator().manual_seed(1))
+    draws = model.sample(mri[:2], temperature=0.7, n=4, generator=torch.Generator().manual_seed(1))
+    assert draws.shape == (4, 2, 1, 8, 8, 8)
+    assert not torch.equal(draws[0], draws[1]) and not torch.equal(draws[0], draws[2])
+    again = model.sample(mri[:2], temperature=0.7, n=4, generator=torch.Generator().manual_seed(1))
     assert torch.equal(draws, again)
     mean = model.sample(mri[:2], temperature=0.0, n=2)
     assert torch.equal(mean[0], mean[1])

@@ -47,7 +47,7 @@ def test_output_is_on_the_input_grid(trained, tmp_path):
     affine = lps_anisotropic_affine()
     mri = write_mri(tmp_path / "lps.nii.gz", affine)
     out, std, qc = tmp_path / "pet.nii.gz", tmp_path / "std.nii.gz", tmp_path / "qc.png"
-    result = cli("synthesize", mri, out, "--model", run, "--std", std, "--qc", qc, "--samples", "3",
+    result = cli("synthesize", mri, out, "--model", run, "--std", std, "--qc", qc, "--samples", "4",
                  "--temperature", "0.8")
     assert result.exit_code == 0, result.stderr
     img = nib.load(out)
@@ -144,6 +144,15 @@ def test_csv_missing_modality_column_is_an_input_error(trained, tmp_path):
     listing.write_text("subject,t2\nsub-00,x.nii.gz\n")
     result = cli("synthesize", listing, tmp_path / "out", "--model", run)
     assert result.exit_code == 3 and "missing column" in result.stderr
+
+
+@pytest.mark.parametrize("samples", ["0", "3"])
+def test_samples_must_be_one_or_even(trained, tmp_path, samples):
+    run, pairs = trained
+    out = tmp_path / "o.nii.gz"
+    result = cli("synthesize", pairs / "sub-00_t1.nii.gz", out, "--model", run, "--samples", samples)
+    assert result.exit_code == 3 and "--samples must be 1 or even" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and not out.exists()
 
 
 def test_missing_model_and_unavailable_cuda(trained, tmp_path):

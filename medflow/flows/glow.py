@@ -190,14 +190,16 @@ class Glow3d(nn.Module):
 
     @torch.no_grad()
     def sample(self, batch: int, spatial: tuple[int, int, int], temperature: float = 1.0,
-               coupling_cond=None, prior_cond=None, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Draw x [batch, C, *spatial], sampling each level's latent top-down from its prior."""
+               coupling_cond=None, prior_cond=None, generator: torch.Generator | None = None,
+               mirror: bool = False) -> torch.Tensor:
+        """Draw x [batch, C, *spatial], sampling each level's latent top-down from its prior;
+        ``mirror``: every level's noise with its sign flipped (``GaussianPrior.sample``)."""
         device = next(self.parameters()).device
         shapes = self.latent_shapes(batch, spatial)
         h = None
         for i in reversed(range(self.num_levels)):
             cond = self._prior_cond(i, h, prior_cond)
-            z = self.priors[i].sample(cond, shapes[i], temperature, device, generator)
+            z = self.priors[i].sample(cond, shapes[i], temperature, device, generator, mirror)
             h = z if h is None else torch.cat([h, z], dim=1)
             h = self.levels[i].inverse(h, coupling_cond[i] if coupling_cond else None)
         return h

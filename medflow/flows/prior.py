@@ -54,11 +54,12 @@ class GaussianPrior(nn.Module):
         return lp.flatten(1).sum(1)
 
     def sample(self, cond: torch.Tensor | None, shape: torch.Size, temperature: float,
-               device: torch.device, generator: torch.Generator | None = None) -> torch.Tensor:
-        """z = mu + T * sigma * eps, eps ~ N(0, I) drawn from ``generator``; T = 0 gives the mean."""
+               device: torch.device, generator: torch.Generator | None = None, mirror: bool = False) -> torch.Tensor:
+        """z = mu + T * sigma * eps, eps ~ N(0, I) drawn from ``generator``; T = 0 gives the mean.
+        ``mirror``: use -eps instead (the antithetic partner of the draw from the same generator state)."""
         mean, log_sigma = self.params(cond, shape, device)
         if temperature == 0:
             return mean
         eps_device = generator.device if generator is not None else device
         eps = torch.randn(shape, generator=generator, device=eps_device, dtype=mean.dtype).to(device)
-        return mean + temperature * torch.exp(log_sigma) * eps
+        return mean + (-temperature if mirror else temperature) * torch.exp(log_sigma) * eps
