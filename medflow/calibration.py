@@ -4,9 +4,10 @@ With N samples per subject (N/2 antithetic pairs, ``DualGlow.sample``), ``medflo
 writes their mean and (ddof 0) standard deviation. The uncertainty map is calibrated when the
 truth lies within mean +- z std as often as it would for a model whose samples come from the
 truth's own distribution (``ideal_coverage``: Student-t, because the std is an estimate from N/2
-independent pairs; 82 % for z = 1.645 and N = 8, not 90 %). ``calibrate_temperature`` finds the prior temperature at which
-a trained model reaches that coverage on validation subjects; ``medflow train`` records it and
-``medflow synthesize`` samples at it unless ``--temperature`` is given.
+independent pairs; 82 % for z = 1.645 and N = 8, not 90 %). ``calibrate_temperature`` finds
+the prior temperature at which a trained model reaches that coverage on validation subjects;
+``medflow train`` records it and ``medflow synthesize`` samples at it unless ``--temperature``
+is given.
 """
 
 from __future__ import annotations
