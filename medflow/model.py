@@ -291,18 +291,19 @@ class DualGlow(nn.Module):
         """
         if n != 1 and n % 2:
             raise ValueError(f"n must be 1 or even (draws come in antithetic pairs), got {n}")
-        if generator is None:
+        if generator is None and n > 1:
             generator = torch.Generator(mri.device).manual_seed(int(torch.randint(2**62, ()).item()))
         _, enc_mri = self.encode_mri(mri)
         coupling, prior, injector = self._pet_conditions(mri, enc_mri, side)
         spatial = tuple(mri.shape[2:])
         mu_log_s = self.injector.params(injector) if self.injector is not None else None
-        draws, state = [], generator.get_state()
+        draws, state = [], None
         for k in range(n):
             mirror = k % 2 == 1
             if mirror:
                 generator.set_state(state)
-            state = generator.get_state()
+            elif generator is not None:
+                state = generator.get_state()
             pet = self.pet_flow.sample(mri.shape[0], spatial, temperature, coupling, prior, generator, mirror)
             if mu_log_s is not None:
                 pet = self.injector.inverse_from(pet, *mu_log_s)

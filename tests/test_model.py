@@ -272,8 +272,17 @@ def test_sample_shapes_temperature_zero_is_deterministic():
     assert not torch.equal(draws[0], draws[1]) and not torch.equal(draws[0], draws[2])
     again = model.sample(mri[:2], temperature=0.7, n=4, generator=torch.Generator().manual_seed(1))
     assert torch.equal(draws, again)
-    mean = model.sample(mri[:2], temperature=0.0, n=2)
-    assert torch.equal(mean[0], mean[1])
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    mean = model.sample(mri[:2], temperature=0.0)
+    assert torch.equal(torch.rand(3), expected), "the prior means must not consume the global RNG"
+    torch.manual_seed(0)
+    unseeded = model.sample(mri[:2], temperature=0.7, n=2)
+    torch.manual_seed(0)
+    assert torch.equal(unseeded, model.sample(mri[:2], temperature=0.7, n=2))
+    assert not torch.equal(unseeded[0], unseeded[1])
+    assert torch.equal(model.sample(mri[:2], temperature=0.0, n=2)[1], mean[0])
 
 
 def fit_bits(condition_is_noise: bool, steps=300):
