@@ -225,12 +225,13 @@ def synthesize(
     Example: medflow synthesize sub-01_t1.nii.gz sub-01_pet.nii.gz --model runs/small --std sub-01_std.nii.gz
     """
     from medflow.device import resolve_device
+    from medflow.model import valid_sample_count
     from medflow.side import parse_side
     from medflow.synthesize import SynthesisOptions, synthesize_file
     from medflow.trained import load_trained
 
     def body():
-        if samples < 1 or (samples > 1 and samples % 2):
+        if not valid_sample_count(samples):
             raise InputError(f"--samples must be 1 or even (samples are drawn in antithetic pairs), got {samples}")
         if temperature is not None and temperature < 0:
             raise InputError("--temperature must be >= 0")

@@ -124,6 +124,11 @@ class DualGlowConfig:
         return len(self.steps)
 
 
+def valid_sample_count(n: int) -> bool:
+    """Whether ``DualGlow.sample`` can draw n samples: one, or antithetic pairs."""
+    return n == 1 or (n >= 2 and n % 2 == 0)
+
+
 def bits_per_voxel(log_prob: torch.Tensor, x: torch.Tensor, n_bins: int) -> torch.Tensor:
     """Glow's convention: -log2 p(x) per voxel of x, for x quantised at 1/n_bins. [B]."""
     voxels = x[0].numel()
@@ -289,7 +294,7 @@ class DualGlow(nn.Module):
         therefore be 1 or even. ``side`` [B, side_channels] is required when the model was
         trained with side information.
         """
-        if n != 1 and n % 2:
+        if not valid_sample_count(n):
             raise ValueError(f"n must be 1 or even (draws come in antithetic pairs), got {n}")
         if generator is None and n > 1:
             generator = torch.Generator(mri.device).manual_seed(int(torch.randint(2**62, ()).item()))
