@@ -67,10 +67,10 @@ def write_lesion_free_flair(data_csv: Path, data_seed: int, spacing: float) -> t
     """Each held-out subject's FLAIR made again by the recipe without its lesions (the PET keeps
     them; ``make_demo_subject(flair_lesions=False)``) beside ``data_csv``, and a test manifest that
     uses them; also the fraction of held-out brain voxels where the lesions lower PET uptake by 3 %
-    or more (``lesion_pet_weight`` >= 0.1: 30-50 % of the uptake at weight 1)."""
+    or more (``lesion_uptake_loss``: with the smallest drops the recipe draws)."""
     import nibabel as nib
 
-    from medflow.demo_data import lesion_pet_weight, make_demo_subject
+    from medflow.demo_data import lesion_uptake_loss, make_demo_subject
 
     folder = data_csv.parent / "lesion-free"
     folder.mkdir()
@@ -81,7 +81,7 @@ def write_lesion_free_flair(data_csv: Path, data_seed: int, spacing: float) -> t
         original = nib.load(data_csv.parent / row["t2"])
         nib.save(nib.Nifti1Image(subject.t2, original.affine, original.header), folder / f"{row['subject']}_t2.nii.gz")
         paths[row["subject"]] = f"{folder.name}/{row['subject']}_t2.nii.gz"
-        fractions.append(float(np.mean(lesion_pet_weight(subject.lesions, spacing)[subject.mask > 0] >= 0.1)))
+        fractions.append(float(np.mean(lesion_uptake_loss(subject.lesions, spacing)[subject.mask > 0] >= 0.03)))
     return write_test_csv(data_csv, "test-lesion-free.csv", paths), float(np.mean(fractions))
 
 

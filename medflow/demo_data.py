@@ -25,7 +25,7 @@ from scipy import ndimage
 from medflow.errors import OutputError
 from medflow.imageio import write_bytes_atomic
 
-RECIPE_VERSION = 1
+RECIPE_VERSION = 2
 PARAMS_FILE = "demo.json"
 MANIFEST_FILE = "manifest.csv"
 MODALITIES = ("t1", "t2", "pet", "mask")
@@ -51,6 +51,12 @@ MEDIAL_TEMPORAL_BLOBS = (
 AGE_RANGE = (55.0, 90.0)  # years, uniform
 # Fraction of GM uptake lost in the core of the hypometabolism pattern, per diagnosis.
 METABOLIC_DROP = {"CN": (0.0, 0.03), "MCI": (0.05, 0.15), "AD": (0.15, 0.35)}
+# Disease atrophy (fraction of GM lost) per unit of metabolic drop, drawn per subject: FDG
+# hypometabolism precedes and exceeds atrophy in Alzheimer's disease, so the MRI shows it little.
+ATROPHY_PER_DROP = (0.05, 0.25)
+# Fraction of uptake lost where a white-matter lesion's local / remote (disconnection) weight is 1.
+LESION_LOCAL_DROP = (0.3, 0.5)
+LESION_REMOTE_DROP = (0.15, 0.25)
 
 
 @dataclass
@@ -210,12 +216,12 @@ def _lesions(rng: np.random.Generator, tpl: _Template, wm: np.ndarray, age: floa
     spacing = float(tpl.affine[0, 0])
     load = np.zeros(tpl.shape, dtype=np.float32)
     candidates = np.flatnonzero(wm > 0.7)
-    count = int(rng.poisson(1.0 + 9.0 * (age - 55.0) / 35.0))
+    count = int(rng.poisson(2.0 + 14.0 * (age - 55.0) / 35.0))
     if candidates.size == 0:
         return load
     for flat in rng.choice(candidates, size=count):
         centre = np.unravel_index(flat, tpl.shape)
-        sigma = rng.uniform(1.5, 4.5)
+        sigma = rng.uniform(2.0, 6.0)
         blurred = np.sqrt(sigma**2 + (spacing / FWHM_PER_SIGMA) ** 2)
         peak = (sigma / blurred) ** 3
         offsets = [rng.uniform(-0.5, 0.5) * spacing for _ in range(3)]
@@ -258,10 +264,22 @@ def _flair(rng, tpl, gm, wm, csf, lesions, inside) -> np.ndarray:
     return np.round(noisy * np.float32(rng.uniform(150.0, 1000.0)))
 
 
-def lesion_pet_weight(lesions: np.ndarray, spacing: float) -> np.ndarray:
-    """Where white-matter lesions lower FDG uptake, in [0, 1]: the lesion load blurred over 3 mm
-    and saturating; the PET loses 30-50 % (drawn per subject) of its uptake where it is 1."""
-    return np.clip(3.0 * ndimage.gaussian_filter(lesions, 3.0 / spacing), 0.0, 1.0)
+def lesion_pet_weights(lesions: np.ndarray, spacing: float) -> tuple[np.ndarray, np.ndarray]:
+    """Where white-matter lesions lower FDG uptake: (local, remote) weights in [0, 1], each (X, Y, Z).
+
+    local: the lesion load blurred over 3 mm and saturating; remote: blurred over 8 mm, reaching
+    the cortex around the lesions (disconnection). Where a weight is 1 the uptake loses
+    ``LESION_LOCAL_DROP`` / ``LESION_REMOTE_DROP`` of itself (fractions drawn per subject).
+    """
+    local = np.clip(3.0 * ndimage.gaussian_filter(lesions, 3.0 / spacing), 0.0, 1.0)
+    remote = np.clip(6.0 * ndimage.gaussian_filter(lesions, 8.0 / spacing), 0.0, 1.0)
+    return local, remote
+
+
+def lesion_uptake_loss(lesions: np.ndarray, spacing: float) -> np.ndarray:
+    """(X, Y, Z) fraction of FDG uptake the lesions take away at least (the smallest drops drawn)."""
+    local, remote = lesion_pet_weights(lesions, spacing)
+    return 1.0 - (1.0 - LESION_LOCAL_DROP[0] * local) * (1.0 - LESION_REMOTE_DROP[0] * remote)
 
 
 def _pet(rng, tpl, gm, wm, csf, hypometabolism, drop, lesions, inside) -> np.ndarray:
@@ -272,7 +290,9 @@ def _pet(rng, tpl, gm, wm, csf, hypometabolism, drop, lesions, inside) -> np.nda
     wm_uptake = 1.0 / rng.uniform(2.5, 3.0)
     csf_uptake = wm_uptake / rng.uniform(3.0, 4.0)
     uptake = gm * gm_uptake + np.float32(wm_uptake) * wm + np.float32(csf_uptake) * csf
-    uptake *= 1.0 - np.float32(rng.uniform(0.3, 0.5)) * lesion_pet_weight(lesions, spacing)
+    local, remote = lesion_pet_weights(lesions, spacing)
+    uptake *= 1.0 - np.float32(rng.uniform(*LESION_LOCAL_DROP)) * local
+    uptake *= 1.0 - np.float32(rng.uniform(*LESION_REMOTE_DROP)) * remote
     fwhm = rng.uniform(6.0, 8.0)
     uptake = ndimage.gaussian_filter(uptake, np.sqrt(max(fwhm**2 - spacing**2, 0.0)) / FWHM_PER_SIGMA / spacing)
     uptake *= np.float32(rng.uniform(1.0, 1.5) / uptake[inside].mean())
@@ -305,7 +325,7 @@ def make_demo_subject(index: int, *, seed: int = 0, spacing: float = 2.0, dx: st
     hemisphere = {-1: rng.uniform(0.75, 1.0), 0: 1.0, 1: rng.uniform(0.75, 1.0)}
     hypometabolism = _pattern(coords, HYPOMETABOLISM_BLOBS, hemisphere)
     medial_temporal = _pattern(coords, MEDIAL_TEMPORAL_BLOBS, hemisphere)
-    structural = 0.5 * drop * rng.uniform(0.6, 1.0)
+    structural = drop * rng.uniform(*ATROPHY_PER_DROP)
     atrophy = np.clip(0.003 * (age - 55.0) + structural * (0.3 + 0.7 * np.maximum(hypometabolism, medial_temporal)),
                       0.0, 0.6).astype(np.float32)
     csf += gm * atrophy

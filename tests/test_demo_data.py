@@ -9,7 +9,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from medflow.demo_data import COLUMNS, make_demo_dataset, make_demo_subject
+from medflow.demo_data import COLUMNS, lesion_pet_weights, lesion_uptake_loss, make_demo_dataset, make_demo_subject
 from medflow.errors import OutputError
 
 SPACING = 8.0
@@ -93,6 +93,16 @@ def test_lesions_lower_pet_and_show_in_flair_only():
     assert subject.t2[lesion].mean() > 1.2 * subject.t2[clean].mean()
     assert subject.pet[lesion].mean() < subject.pet[clean].mean()
     assert abs(subject.t1[lesion].mean() / subject.t1[clean].mean() - 1) < 0.1
+
+
+def test_lesions_lower_uptake_in_the_cortex_around_them():
+    subject = make_demo_subject(0, seed=5, spacing=4.0, dx="CN")
+    local, remote = lesion_pet_weights(subject.lesions, 4.0)
+    loss = lesion_uptake_loss(subject.lesions, 4.0)
+    cortex_only_remote = (subject.gm > 0.5) & (remote > 0.5) & (local < 0.05)
+    assert cortex_only_remote.sum() > 5
+    assert np.all(loss >= 0.3 * local - 1e-6) and np.all(loss >= 0.15 * remote - 1e-6)
+    assert np.all(loss[(subject.lesions == 0) & (remote == 0)] == 0)
 
 
 def test_flair_without_lesions_changes_the_flair_only():
