@@ -4,8 +4,8 @@ Sections (``--sections``): ``speed`` (training step of ``small`` and ``dualglow3
 autograd vs the memory-saving backward, and the FrEIA-built peer of ``medflow.peer_flow``),
 ``synthesis`` (latency of ``DualGlow.sample`` for 1 and 8 samples), ``tuning`` (bf16 subnets and
 ``torch.compile``), ``batch`` (the largest training batch; both meant for a GPU) and ``quality`` (medflow
-``small`` and a MONAI U-Net trained for the same wall-clock budget on the demo data, scored
-on its held-out subjects; ``--quality-seeds`` repeats it over seeds). ``--quick`` runs small
+``small`` trained for ``--quality-steps`` steps and a MONAI U-Net for as many seconds on the demo
+data, scored on its held-out subjects; ``--quality-seeds`` repeats it over seeds). ``--quick`` runs small
 sizes only and skips quality (< 3 min). Every section runs on ``--device``; the report keeps
 one part per device (cpu, cuda) and one per device for runs over several seeds (cpu_seeds).
 
@@ -38,9 +38,8 @@ from rich.table import Table
 from medflow.calibration import CALIBRATION_SAMPLES, COVERAGE_Z, coverage, ideal_coverage, prediction_z
 from medflow.measure import MIB, Case, usable_cores, volume_text
 
-TOTAL_BUDGET_S = 1800.0  # the whole default run, seconds
-QUALITY_RESERVE_S = 300.0  # medflow's validation, QC and temperature calibration after training, scoring 8 subjects
-MIN_QUALITY_BUDGET_S = 60.0  # training seconds per model, at least
+QUALITY_STEPS = 300  # medflow training steps in the quality section (about 6 min on 2 CPU cores)
+UNET_TIMED_STEPS = 10  # U-Net steps timed (after its first) to turn medflow's training time into steps
 GPU_VOLUME = (96, 112, 96)
 MAX_BATCH = 256  # the largest training batch the batch-size search tries
 
@@ -222,11 +221,6 @@ def at_largest_batch(searches: list[Case], found: list[dict]) -> list[Case]:
 
 
 # ----- quality ------------------------------------------------------------------------------
-def quality_budget(elapsed_s: float) -> float:
-    """Seconds of training for each of the two models so the whole run fits ``TOTAL_BUDGET_S``."""
-    return max(MIN_QUALITY_BUDGET_S, (TOTAL_BUDGET_S - elapsed_s - QUALITY_RESERVE_S) / 2)
-
-
 def training_progress() -> Progress:
     return Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.fields[info]}"),
                     TimeElapsedColumn(), console=console)
@@ -234,24 +228,39 @@ def training_progress() -> Progress:
 
 def train_unet(trainer, budget_s: float, progress: Progress):
     """MONAI BasicUNet, L1 loss from scaled MRI to scaled PET, on the flow's own training batches
-    (``trainer.train_batch``: same cache, augmentation and batch size) for ``budget_s`` seconds."""
+    (``trainer.train_batch``: same cache, augmentation and batch size) for ``budget_s`` seconds.
+
+    The time becomes a number of steps once steps 1 .. ``UNET_TIMED_STEPS`` are timed (step 0
+    includes one-off costs); the learning rate then decays by cosine to 10 % over those steps, as
+    medflow's does over its own, so the result depends on the clock only through that number.
+    """
     from monai.networks.nets import BasicUNet
 
     from medflow.device import place_model
+    from medflow.train import lr_factor
 
     torch.manual_seed(trainer.opts.seed)
     net = BasicUNet(spatial_dims=3, in_channels=len(trainer.settings["mri_columns"]), out_channels=1,
                     features=(16, 16, 32, 64, 128, 16))
     net = place_model(net, trainer.device)
     optimizer = torch.optim.AdamW(net.parameters(), lr=1e-3)
+    total = None
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, 0, s / max(1, total - 1) if total else None))
     task = progress.add_task("U-Net", total=None, info="")
     start, step = time.monotonic(), 0
-    while time.monotonic() - start < budget_s:
+    while total is None or step < total:
+        if step == 1:
+            timed_from = time.monotonic()
+        if step == 1 + UNET_TIMED_STEPS:
+            now = time.monotonic()
+            total = step + max(0, int((budget_s - (now - start)) / ((now - timed_from) / UNET_TIMED_STEPS)))
+            progress.update(task, total=total)
         mri, pet, _ = trainer.train_batch(step)
         loss = torch.nn.functional.l1_loss(net(mri), pet)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        scheduler.step()
         step += 1
         progress.update(task, completed=step, info=f"L1 {loss.item():.4f}")
     return net.eval(), step
@@ -328,19 +337,21 @@ def score_test_subjects(tm, net, subjects, folder: Path, device: torch.device) -
     return {"scores": scores, "coverage": calibration, "samples": CALIBRATION_SAMPLES, "calibration": tm.calibration}
 
 
-def quality_run(data_csv: Path, work: Path, budget_s: float, seed: int, device: torch.device) -> dict:
-    """medflow ``small`` and the U-Net, each trained for ``budget_s`` seconds with ``seed`` (which
+def quality_run(data_csv: Path, work: Path, steps: int, seed: int, device: torch.device) -> dict:
+    """medflow ``small`` trained for ``steps`` steps, and the U-Net for the seconds that took
+    (``Trainer.clock``: the training loop, its validations included), both with ``seed`` (which
     also picks the validation subjects and the batch order) -> test scores."""
     from medflow.manifest import read_manifest
     from medflow.train import Trainer, TrainOptions
     from medflow.trained import load_trained
 
     start = time.monotonic()
-    console.print(f"seed {seed}: training budget {budget_s:.0f} s for each model")
-    trainer = Trainer(TrainOptions(data=data_csv, out=work / "run", preset="small", time_limit=budget_s,
+    console.print(f"seed {seed}: {steps} medflow steps, then the U-Net for as long")
+    trainer = Trainer(TrainOptions(data=data_csv, out=work / "run", preset="small", steps=steps,
                                    device=device.type, seed=seed), reporter=console.print)
     with training_progress() as progress:
         summary = trainer.run(progress)
+    budget_s = trainer.clock
     with training_progress() as progress:
         net, unet_steps = train_unet(trainer, budget_s, progress)
     tm = load_trained(work / "run", device)
@@ -355,19 +366,16 @@ def quality_run(data_csv: Path, work: Path, budget_s: float, seed: int, device: 
     return result
 
 
-def run_quality(budget_s: float | None, device: torch.device, elapsed_s: float, seeds: int = 1,
-                subjects: int = 32, heldout: int = 8) -> list[dict]:
+def run_quality(steps: int, device: torch.device, seeds: int = 1, subjects: int = 32, heldout: int = 8) -> list[dict]:
     """Demo data (``subjects``, the last ``heldout`` for testing) -> ``quality_run`` for seeds
-    0 .. ``seeds`` - 1, each on the same data and budget."""
+    0 .. ``seeds`` - 1, each on the same data and number of medflow steps."""
     from medflow.demo_data import make_demo_dataset
 
-    start = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="medflow-bench-") as tmp:
         work = Path(tmp)
         console.print(f"generating demo data ({subjects} subjects, {heldout} held out, 2 mm)")
         data_csv = make_demo_dataset(work / "data", subjects=subjects, heldout=heldout, spacing=2.0)
-        budget = budget_s or quality_budget(elapsed_s + time.monotonic() - start)
-        return [quality_run(data_csv, work / f"seed{seed}", budget, seed, device) for seed in range(seeds)]
+        return [quality_run(data_csv, work / f"seed{seed}", steps, seed, device) for seed in range(seeds)]
 
 
 # ----- report -------------------------------------------------------------------------------
@@ -679,7 +687,7 @@ def seeds_markdown(results: list[dict]) -> str:
     return f"""### Over {len(results)} seeds
 
 The same comparison repeated with seeds 0 to {len(results) - 1} (`--quality-seeds`) on the same data and
-budget: the seed sets both models' initialisation and batch order and medflow's validation
+number of medflow steps: the seed sets both models' initialisation and batch order and medflow's validation
 subjects (so also its training subjects and calibrated temperature). medflow is its mean of
 {results[0]['samples']} samples at the calibrated temperature; "difference" is medflow minus the U-Net,
 its last row the mean ± SD over seeds.
@@ -715,7 +723,11 @@ Demo data from `medflow.demo_data.make_demo_dataset` (32 subjects at 2 mm, 8 hel
 {volume_text(result['grid'])}, batch {result['batch_size']}) and a MONAI `BasicUNet` (features 16, 16, 32,
 64, 128, 16; L1 loss from scaled MRI to scaled PET; AdamW, lr 1e-3) each trained for
 {result['budget_s']:.0f} s of wall-clock time on the same batches (same preprocessing, augmentation
-and batch size; seed {result['seed']}): {result['flow_steps']} medflow steps, {result['unet_steps']} U-Net steps. Predictions on the
+and batch size; seed {result['seed']}): {result['flow_steps']} medflow steps (`--quality-steps`; the time is what they took,
+validations included), then {result['unet_steps']} U-Net steps (that time over the U-Net's own step time,
+measured over its steps 1 to {UNET_TIMED_STEPS}). Both learning rates decay by cosine to 10 % over
+their steps, so a re-run on the same machine repeats medflow's training exactly and the
+U-Net's up to its number of steps. Predictions on the
 test subjects are mapped back to each subject's own grid (`medflow.synthesize.to_native_grid`)
 and scored inside its brain mask by `medflow.metrics.compute_metrics`; mean ± SD over the
 {result['n_test']} test subjects. Training, synthesis and scoring took {result['seconds'] / 60:.1f} min.
@@ -776,12 +788,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "as it ends: speed, synthesis, tuning (bf16 and torch.compile), batch (the "
                              "largest training batch), quality. Default: speed,synthesis,quality on CPU, "
                              "speed,synthesis,tuning,batch on a GPU")
-    parser.add_argument("--quality-budget", type=float, default=None,
-                        help="training seconds per model in the quality section "
-                             f"(default: what keeps the whole run within {TOTAL_BUDGET_S / 60:.0f} min)")
+    parser.add_argument("--quality-steps", type=int, default=QUALITY_STEPS,
+                        help="medflow training steps in the quality section; the U-Net trains for the "
+                             f"seconds they took (default {QUALITY_STEPS}: about 6 min per model on 2 CPU cores)")
     parser.add_argument("--quality-seeds", type=int, default=1,
-                        help="repeat the quality section with seeds 0 .. N-1 and add a table over seeds; "
-                             "needs --quality-budget when N > 1 (each seed takes about 2 x budget + 3 min on 2 CPU cores)")
+                        help="repeat the quality section with seeds 0 .. N-1 and add a table over seeds "
+                             "(each seed takes about 15 min on 2 CPU cores at the default steps)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                         help="device of every section; the report keeps one part per device (cpu, cuda)")
     args = parser.parse_args(argv)
@@ -795,9 +807,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error(f"unknown section(s): {', '.join(sorted(unknown))}")
     if args.quality_seeds < 1:
         parser.error("--quality-seeds must be at least 1")
-    if args.quality_seeds > 1 and args.quality_budget is None:
-        parser.error("--quality-seeds above 1 needs --quality-budget (the default fits one seed in "
-                     f"{TOTAL_BUDGET_S / 60:.0f} min)")
+    if args.quality_steps < 1:
+        parser.error("--quality-steps must be at least 1")
     if args.quick and "quality" in args.sections:
         args.sections.remove("quality")
     if args.quality_seeds > 1 and "quality" not in args.sections:
@@ -847,9 +858,9 @@ def batch_section(quick: bool, device: str, timeout_s: float) -> str:
     return batch_markdown(results, device, load)
 
 
-def quality_section(budget_s: float | None, device: str, elapsed_s: float, seeds: int) -> str:
+def quality_section(steps: int, device: str, seeds: int) -> str:
     """Train, synthesize and score on the demo data; returns the markdown section."""
-    results = run_quality(budget_s, torch.device(device), elapsed_s, seeds)
+    results = run_quality(steps, torch.device(device), seeds)
     show("quality", QUALITY_HEADERS, quality_rows(results[0]))
     if len(results) == 1:
         return quality_markdown(results[0])
@@ -874,8 +885,7 @@ def main(argv: list[str] | None = None) -> None:
                 "synthesis": lambda: synthesis_section(args.quick, device, timeout),
                 "tuning": lambda: tuning_section(args.quick, device, timeout),
                 "batch": lambda: batch_section(args.quick, device, timeout),
-                "quality": lambda: quality_section(args.quality_budget, device, time.monotonic() - clock,
-                                                   args.quality_seeds)}
+                "quality": lambda: quality_section(args.quality_steps, device, args.quality_seeds)}
     for name in args.sections:
         parts.append(sections[name]())
         write_report(args.out, part, "\n".join(parts))

@@ -1,5 +1,7 @@
 """Smoke tests of the benchmark's building blocks (no timing assertions)."""
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
@@ -128,11 +130,11 @@ def test_seed_rows_compare_medflow_with_the_unet_per_seed_and_over_seeds():
 def test_quality_run_end_to_end_on_a_tiny_cohort():
     """Both models train on the flow's own batches; every method is scored on the held-out subject;
     a second seed trains both again on the same data."""
-    results = bench.run_quality(2.0, torch.device("cpu"), 0.0, seeds=2, subjects=7, heldout=1)
+    results = bench.run_quality(3, torch.device("cpu"), seeds=2, subjects=7, heldout=1)
     assert [r["seed"] for r in results] == [0, 1]
     assert "| all |" in bench.seeds_markdown(results)
     result = results[0]
-    assert result["flow_steps"] >= 1 and result["unet_steps"] >= 1 and result["n_test"] == 1
+    assert result["flow_steps"] == 3 and result["unet_steps"] >= 1 + bench.UNET_TIMED_STEPS and result["n_test"] == 1
     assert result["n_val"] == 1 and 0.05 <= result["calibration"]["temperature"] <= 4.0
     assert len(result["scores"]) == 5 and sum("(calibrated)" in name for name in result["scores"]) == 2
     assert all(np.isfinite(r["psnr"]) and 0 < r["ssim"] <= 1 for rows in result["scores"].values() for r in rows)
@@ -150,13 +152,48 @@ def test_arguments_and_budget():
     assert bench.parse_args(["--device", "cpu"]).sections == ["speed", "synthesis", "quality"]
     with pytest.raises(SystemExit):
         bench.parse_args(["--sections", "speed,nonsense"])
-    with pytest.raises(SystemExit):
-        bench.parse_args(["--quality-seeds", "3"])
-    assert bench.parse_args(["--quality-seeds", "3", "--quality-budget", "500"]).quality_seeds == 3
-    with pytest.raises(SystemExit):
-        bench.parse_args(["--quality-seeds", "3", "--quality-budget", "500", "--sections", "speed"])
-    assert bench.quality_budget(0.0) > bench.quality_budget(600.0) >= bench.MIN_QUALITY_BUDGET_S
-    assert bench.quality_budget(10 * bench.TOTAL_BUDGET_S) == bench.MIN_QUALITY_BUDGET_S
+    assert bench.parse_args([]).quality_steps == bench.QUALITY_STEPS
+    assert bench.parse_args(["--quality-seeds", "3", "--quality-steps", "420"]).quality_seeds == 3
+    for wrong in (["--quality-steps", "0"], ["--quality-seeds", "0"], ["--quality-seeds", "3", "--sections", "speed"]):
+        with pytest.raises(SystemExit):
+            bench.parse_args(wrong)
+
+
+class _TickingClock:
+    """Stands in for the ``time`` module: every ``monotonic()`` call is one second later."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def monotonic(self):
+        self.now += 1.0
+        return self.now
+
+
+class _FakeTrainer:
+    """What ``train_unet`` uses of a Trainer: seeded options, the MRI columns, a device, batches."""
+
+    opts = SimpleNamespace(seed=0)
+    settings = {"mri_columns": ["mri"]}
+    device = torch.device("cpu")
+
+    def train_batch(self, step):
+        g = torch.Generator().manual_seed(step)
+        return torch.rand(1, 1, 32, 32, 16, generator=g), torch.rand(1, 1, 32, 32, 16, generator=g), None
+
+
+def test_unet_turns_the_time_into_steps_after_timing_its_own(monkeypatch):
+    """The clock is read at the start, at step 1 and after UNET_TIMED_STEPS more steps (one second
+    apart here): 1 s per 10 steps, 2 s gone, so a 5 s budget leaves 30 more steps; then the clock
+    is not read again and the learning rate has decayed by cosine to 10 % at the last step."""
+    monkeypatch.setattr(bench, "time", _TickingClock())
+    rates = []
+    monkeypatch.setattr(torch.optim.AdamW, "step", lambda self, *a, **k: rates.append(self.param_groups[0]["lr"]))
+    with bench.training_progress() as progress:
+        net, steps = bench.train_unet(_FakeTrainer(), 5.0, progress)
+    assert steps == 1 + bench.UNET_TIMED_STEPS + 30 and bench.time.now == 3.0
+    assert rates[:12] == [1e-3] * 12
+    assert rates[-1] == pytest.approx(1e-4) and rates == sorted(rates, reverse=True)
 
 
 def test_tuning_and_batch_tables_give_ratios_to_fp32_eager_and_show_failures():
@@ -205,8 +242,8 @@ def test_a_run_over_seeds_writes_its_own_part(tmp_path, monkeypatch):
     """``--quality-seeds`` above 1 lands in the cpu_seeds part and leaves the standard run's cpu part."""
     report = tmp_path / "BENCHMARKS.md"
     bench.write_report(report, "cpu", "# medflow benchmarks on CPU\nstandard run\n")
-    monkeypatch.setattr(bench, "quality_section", lambda budget, device, elapsed, seeds: f"quality x{seeds}\n")
-    bench.main(["--device", "cpu", "--sections", "quality", "--quality-seeds", "2", "--quality-budget", "1",
+    monkeypatch.setattr(bench, "quality_section", lambda steps, device, seeds: f"quality x{seeds}\n")
+    bench.main(["--device", "cpu", "--sections", "quality", "--quality-seeds", "2", "--quality-steps", "1",
                 "--out", str(report)])
     text = report.read_text()
     assert "standard run" in text and "quality x2" in text
