@@ -711,13 +711,15 @@ unless `--temperature` is given. The test subjects play no part in choosing it."
 
 
 def quality_markdown(result: dict) -> str:
+    from medflow.demo_data import RECIPE_VERSION
+
     samples, cal = result["samples"], result["calibration"]
     coverage_rows = [[truth, f"{t:g}", f"mean ± {z:.3f} std", f"{100 * ideal_coverage(z, samples):.1f}",
                       mean_sd([100 * c for c in values], 1)]
                      for (truth, t, z), values in result["coverage"].items()]
     return f"""## 3. Synthesis quality on the demo data
 
-Demo data from `medflow.demo_data.make_demo_dataset` (32 subjects at 2 mm, 8 held out):
+Demo data from `medflow.demo_data.make_demo_dataset` (recipe version {RECIPE_VERSION}, 32 subjects at 2 mm, 8 held out):
 {result['n_train']} training, {result['n_val']} validation and {result['n_test']} test subjects, on {result['device']}. medflow
 `small` (`medflow.train.Trainer`: {result['spacing'][0]:g} mm spacing of the preset, model grid
 {volume_text(result['grid'])}, batch {result['batch_size']}) and a MONAI `BasicUNet` (features 16, 16, 32,

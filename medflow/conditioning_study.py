@@ -174,6 +174,8 @@ def dx_contrast(run: Path, data_csv: Path, work: Path, data_seed: int, spacing: 
 
 def study_markdown(command: str, started: datetime, runs: list[dict], contrast: list[dict], lesion_fraction: float,
                    args) -> str:
+    from medflow.demo_data import RECIPE_VERSION
+
     by_variant = {v: [r for r in runs if r["variant"] == v] for v in VARIANTS}
     base = {r["seed"]: r["heldout_pet_bpv"] for r in by_variant["T1"]}
     rows = [[v, ", ".join(f"{r['heldout_pet_bpv']:.4f}" for r in rs),
@@ -199,8 +201,8 @@ def study_markdown(command: str, started: datetime, runs: list[dict], contrast: 
     header = header_markdown(command, machine_info(), versions(), started, "medflow conditioning study",
                              "the command", "Times in seconds.")
     return f"""{header}
-Demo data: {args.subjects} subjects (the last {args.heldout} held out, split=test), {args.data_spacing:g} mm, data seed
-{args.data_seed}. Each variant trains preset `{args.preset}` for {args.steps} steps of batch {args.batch_size} with seeds
+Demo data (recipe version {RECIPE_VERSION}): {args.subjects} subjects (the last {args.heldout} held out, split=test),
+{args.data_spacing:g} mm, data seed {args.data_seed}. Each variant trains preset `{args.preset}` for {args.steps} steps of batch {args.batch_size} with seeds
 {', '.join(map(str, args.seeds))}; the held-out conditional PET bits per voxel (lower is better)
 come from each run's final weights on the held-out subjects, which no run trains or selects on.
 The difference column is paired by seed against T1 alone. The row "every covariate at its default"
@@ -210,7 +212,8 @@ Likewise the row "each FLAIR without its lesions" evaluates the FLAIR model's fi
 held-out FLAIR made again by the recipe without its white-matter lesions (the PET keeps them, every
 other draw is the same): the gap is how much of its score comes from what the FLAIR shows and the
 T1 does not. The lesions lower PET uptake by 3 % or more in {100 * lesion_fraction:.1f} % of the held-out
-subjects' brain voxels: the part of the PET that only the FLAIR shows is that small.{failures}
+subjects' brain voxels (`demo_data.lesion_uptake_loss`, with the smallest drops the recipe draws):
+there the PET follows what only the FLAIR shows.{failures}
 
 {md_table(["variant", "held-out PET bit/voxel per seed", "mean", "vs T1", "train s"], rows)}
 
