@@ -244,8 +244,9 @@ def train_unet(trainer, budget_s: float, progress: Progress):
                     features=(16, 16, 32, 64, 128, 16))
     net = place_model(net, trainer.device)
     optimizer = torch.optim.AdamW(net.parameters(), lr=1e-3)
-    total = None
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, 0, s / max(1, total - 1) if total else None))
+    total = None  # steps, known once timed
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, 0, s / max(1, total - 1) if total else None))
     task = progress.add_task("U-Net", total=None, info="")
     start, step = time.monotonic(), 0
     while total is None or step < total:
