@@ -39,7 +39,8 @@ from medflow.calibration import CALIBRATION_SAMPLES, COVERAGE_Z, coverage, ideal
 from medflow.measure import MIB, Case, usable_cores, volume_text
 
 QUALITY_STEPS = 300  # medflow training steps in the quality section (about 6 min on 2 CPU cores)
-UNET_TIMED_STEPS = 10  # U-Net steps timed (after its first) to turn medflow's training time into steps
+UNET_WARMUP_STEPS = 10  # U-Net steps before the timed ones (their times include one-off costs)
+UNET_TIMED_STEPS = 40  # U-Net steps timed to turn medflow's training time into U-Net steps
 GPU_VOLUME = (96, 112, 96)
 MAX_BATCH = 256  # the largest training batch the batch-size search tries
 
@@ -230,9 +231,9 @@ def train_unet(trainer, budget_s: float, progress: Progress):
     """MONAI BasicUNet, L1 loss from scaled MRI to scaled PET, on the flow's own training batches
     (``trainer.train_batch``: same cache, augmentation and batch size) for ``budget_s`` seconds.
 
-    The time becomes a number of steps once steps 1 .. ``UNET_TIMED_STEPS`` are timed (step 0
-    includes one-off costs); the learning rate then decays by cosine to 10 % over those steps, as
-    medflow's does over its own, so the result depends on the clock only through that number.
+    The time becomes a number of steps once the ``UNET_TIMED_STEPS`` after the first
+    ``UNET_WARMUP_STEPS`` are timed; the learning rate then decays by cosine to 10 % over those
+    steps, as medflow's does over its own, so the result depends on the clock only through that number.
     """
     from monai.networks.nets import BasicUNet
 
@@ -250,9 +251,9 @@ def train_unet(trainer, budget_s: float, progress: Progress):
     task = progress.add_task("U-Net", total=None, info="")
     start, step = time.monotonic(), 0
     while total is None or step < total:
-        if step == 1:
+        if step == UNET_WARMUP_STEPS:
             timed_from = time.monotonic()
-        if step == 1 + UNET_TIMED_STEPS:
+        if step == UNET_WARMUP_STEPS + UNET_TIMED_STEPS:
             now = time.monotonic()
             total = step + max(0, int((budget_s - (now - start)) / ((now - timed_from) / UNET_TIMED_STEPS)))
             progress.update(task, total=total)
@@ -728,7 +729,7 @@ Demo data from `medflow.demo_data.make_demo_dataset` (recipe version {RECIPE_VER
 {result['budget_s']:.0f} s of wall-clock time on the same batches (same preprocessing, augmentation
 and batch size; seed {result['seed']}): {result['flow_steps']} medflow steps (`--quality-steps`; the time is what they took,
 validations included), then {result['unet_steps']} U-Net steps (that time over the U-Net's own step time,
-measured over its steps 1 to {UNET_TIMED_STEPS}). Both learning rates decay by cosine to 10 % over
+measured over its steps {UNET_WARMUP_STEPS} to {UNET_WARMUP_STEPS + UNET_TIMED_STEPS - 1}). Both learning rates decay by cosine to 10 % over
 their steps, so a re-run on the same machine repeats medflow's training exactly and the
 U-Net's up to its number of steps. Predictions on the
 test subjects are mapped back to each subject's own grid (`medflow.synthesize.to_native_grid`)

@@ -134,7 +134,8 @@ def test_quality_run_end_to_end_on_a_tiny_cohort():
     assert [r["seed"] for r in results] == [0, 1]
     assert "| all |" in bench.seeds_markdown(results)
     result = results[0]
-    assert result["flow_steps"] == 3 and result["unet_steps"] >= 1 + bench.UNET_TIMED_STEPS and result["n_test"] == 1
+    assert result["flow_steps"] == 3 and result["n_test"] == 1
+    assert result["unet_steps"] >= bench.UNET_WARMUP_STEPS + bench.UNET_TIMED_STEPS
     assert result["n_val"] == 1 and 0.05 <= result["calibration"]["temperature"] <= 4.0
     assert len(result["scores"]) == 5 and sum("(calibrated)" in name for name in result["scores"]) == 2
     assert all(np.isfinite(r["psnr"]) and 0 < r["ssim"] <= 1 for rows in result["scores"].values() for r in rows)
@@ -183,16 +184,17 @@ class _FakeTrainer:
 
 
 def test_unet_turns_the_time_into_steps_after_timing_its_own(monkeypatch):
-    """The clock is read at the start, at step 1 and after UNET_TIMED_STEPS more steps (one second
-    apart here): 1 s per 10 steps, 2 s gone, so a 5 s budget leaves 30 more steps; then the clock
+    """The clock is read at the start, after the warm-up steps and after the timed ones (one second
+    apart here): 1 s per 40 steps, 2 s gone, so a 3 s budget leaves 40 more steps; then the clock
     is not read again and the learning rate has decayed by cosine to 10 % at the last step."""
     monkeypatch.setattr(bench, "time", _TickingClock())
     rates = []
     monkeypatch.setattr(torch.optim.AdamW, "step", lambda self, *a, **k: rates.append(self.param_groups[0]["lr"]))
     with bench.training_progress() as progress:
-        net, steps = bench.train_unet(_FakeTrainer(), 5.0, progress)
-    assert steps == 1 + bench.UNET_TIMED_STEPS + 30 and bench.time.now == 3.0
-    assert rates[:12] == [1e-3] * 12
+        net, steps = bench.train_unet(_FakeTrainer(), 3.0, progress)
+    timed = bench.UNET_WARMUP_STEPS + bench.UNET_TIMED_STEPS
+    assert steps == timed + 40 and bench.time.now == 3.0
+    assert rates[:timed + 1] == [1e-3] * (timed + 1)
     assert rates[-1] == pytest.approx(1e-4) and rates == sorted(rates, reverse=True)
 
 
