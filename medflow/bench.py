@@ -310,33 +310,42 @@ def medflow_variants(tm) -> dict[str, tuple[float, int]]:
 
 
 def score_test_subjects(tm, net, subjects, folder: Path, device: torch.device) -> dict:
-    """Per-method lists of metric dicts (PSNR dB, SSIM, NMSE, MAE in PET units) and the coverage
-    per temperature, over the test subjects, all on each subject's native grid inside its brain mask."""
+    """Per-method lists of metric dicts (PSNR dB, SSIM, NMSE, MAE in PET units) against the true PET
+    (``scores``) and against it rescaled to each prediction's global mean (``level_matched``: the
+    uptake pattern alone), and the coverage per temperature, over the test subjects, all on each
+    subject's native grid inside its brain mask."""
     from medflow.imageio import read_mask, read_volume
     from medflow.metrics import compute_metrics
     from medflow.synthesize import SynthesisOptions, synthesize_file
 
     variants = medflow_variants(tm)
     scores = {UNET: [], **{name: [] for name in variants}}
+    matched = {name: [] for name in scores}
+
+    def score(name, pred, ref, mask):
+        scores[name].append(compute_metrics(pred, ref, mask))
+        matched[name].append(compute_metrics(pred, level_matched(ref, pred), mask))
+
     calibration = {(truth, t, z): [] for t, n in variants.values() if n > 1
                    for truth in CALIBRATION_TRUTHS for z in coverage_zs(n)}
     for s in subjects:
         ref = read_volume(s.pet)
         mask = read_mask(s.mask, like=ref)
         pred = unet_predict(net, tm, s.mri, device)
-        scores[UNET].append(compute_metrics(pred, ref.data, mask))
+        score(UNET, pred, ref.data, mask)
         for name, (temperature, samples) in variants.items():
             mean_path, std_path = folder / f"{s.subject}_mean.nii.gz", folder / f"{s.subject}_std.nii.gz"
             synthesize_file(tm, s.mri, mean_path, SynthesisOptions(temperature, samples, overwrite=True), device,
                             std_out=std_path if samples > 1 else None)
             mean = read_volume(mean_path).data
-            scores[name].append(compute_metrics(mean, ref.data, mask))
+            score(name, mean, ref.data, mask)
             if samples > 1:
                 std = read_volume(std_path).data
                 for truth, values in zip(CALIBRATION_TRUTHS, (ref.data, level_matched(ref.data, mean))):
                     for z in coverage_zs(samples):
                         calibration[(truth, temperature, z)].append(coverage(mean, std, values, mask, z))
-    return {"scores": scores, "coverage": calibration, "samples": CALIBRATION_SAMPLES, "calibration": tm.calibration}
+    return {"scores": scores, "level_matched": matched, "coverage": calibration, "samples": CALIBRATION_SAMPLES,
+            "calibration": tm.calibration}
 
 
 def quality_run(data_csv: Path, work: Path, steps: int, seed: int, device: torch.device) -> dict:
@@ -655,33 +664,41 @@ def mean_sd(values: list[float], digits: int) -> str:
 QUALITY_HEADERS = ["method", "PSNR (dB)", "SSIM", "NMSE", "MAE (PET units)"]
 
 
-def quality_rows(result: dict) -> list[list[str]]:
+def quality_rows(result: dict, key: str = "scores") -> list[list[str]]:
+    """Mean ± SD over the test subjects per method, of ``result[key]``: ``scores`` (against the
+    true PET) or ``level_matched``."""
     rows = []
-    for method, per_subject in result["scores"].items():
+    for method, per_subject in result[key].items():
         rows.append([method] + [mean_sd([m[k] for m in per_subject], d)
                                 for k, d in (("psnr", 2), ("ssim", 3), ("nmse", 4), ("mae", 4))])
     return rows
 
 
 UNET = "U-Net (MONAI BasicUNet, L1)"
-SEED_HEADERS = ["seed", "steps: medflow / U-Net", "T", "PSNR (dB): U-Net", "medflow", "difference",
-                "SSIM: U-Net", "medflow", "difference"]
+SEED_COLUMNS = (("scores", "psnr", "PSNR (dB)", 2), ("scores", "ssim", "SSIM", 3),
+                ("level_matched", "psnr", "PSNR, level matched", 2))
+SEED_HEADERS = ["seed", "steps: medflow / U-Net", "T"] + [
+    h for _, _, title, _ in SEED_COLUMNS for h in (f"{title}: U-Net", "medflow", "difference")]
 
 
 def seed_rows(results: list[dict]) -> list[list[str]]:
     """Per seed: the U-Net against medflow's mean of samples at the calibrated temperature (the
-    first row of ``medflow_variants``), means over the test subjects; then the mean ± SD over seeds."""
-    rows, diffs = [], {"psnr": [], "ssim": []}
+    first row of ``medflow_variants``), means over the test subjects (``SEED_COLUMNS``); then the
+    mean ± SD of the differences over seeds."""
+    rows, diffs = [], [[] for _ in SEED_COLUMNS]
     for r in results:
         name = next(k for k in r["scores"] if k != UNET)
         cells = [str(r["seed"]), f"{r['flow_steps']} / {r['unet_steps']}", f"{r['calibration']['temperature']:.2f}"
                  if r["calibration"] else "n/a"]
-        for key, digits in (("psnr", 2), ("ssim", 3)):
-            unet, flow = (statistics.mean(m[key] for m in r["scores"][k]) for k in (UNET, name))
-            diffs[key].append(flow - unet)
+        for (scores, key, _, digits), diff in zip(SEED_COLUMNS, diffs):
+            unet, flow = (statistics.mean(m[key] for m in r[scores][k]) for k in (UNET, name))
+            diff.append(flow - unet)
             cells += [f"{unet:.{digits}f}", f"{flow:.{digits}f}", f"{flow - unet:+.{digits}f}"]
         rows.append(cells)
-    rows.append(["all", "", "", "", "", mean_sd(diffs["psnr"], 2), "", "", mean_sd(diffs["ssim"], 3)])
+    last = ["all", "", ""]
+    for (_, _, _, digits), diff in zip(SEED_COLUMNS, diffs):
+        last += ["", "", mean_sd(diff, digits)]
+    rows.append(last)
     return rows
 
 
@@ -692,7 +709,8 @@ The same comparison repeated with seeds 0 to {len(results) - 1} (`--quality-seed
 number of medflow steps: the seed sets both models' initialisation and batch order and medflow's validation
 subjects (so also its training subjects and calibrated temperature). medflow is its mean of
 {results[0]['samples']} samples at the calibrated temperature; "difference" is medflow minus the U-Net,
-its last row the mean ± SD over seeds.
+its last row the mean ± SD over seeds; "level matched" scores against the truth rescaled to each
+prediction's own global mean, as in the second table of section 3.
 
 {md_table(SEED_HEADERS, seed_rows(results))}
 """
@@ -737,6 +755,14 @@ and scored inside its brain mask by `medflow.metrics.compute_metrics`; mean ± S
 {result['n_test']} test subjects. Training, synthesis and scoring took {result['seconds'] / 60:.1f} min.
 
 {md_table(QUALITY_HEADERS, quality_rows(result))}
+
+The same predictions scored against the truth rescaled to each prediction's own global mean
+(`bench.level_matched`), which leaves the uptake pattern alone. Both models learn
+global-mean-normalised PET and write it at the training set's median global mean, while each
+subject's own level follows dose and uptake time, which the MRI does not show, so the table
+above scores that level error too. README tells users to compare patterns or ratios (SUVR-style).
+
+{md_table(QUALITY_HEADERS, quality_rows(result, "level_matched"))}
 
 {calibration_text(cal)}
 

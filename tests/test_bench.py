@@ -95,7 +95,8 @@ def test_rounds_alternate_order_and_merge_per_case(monkeypatch):
 
 def test_quality_markdown_and_level_matching():
     metrics = {"psnr": 20.0, "ssim": 0.8, "nmse": 0.05, "mae": 0.1}
-    result = {"scores": {"U-Net": [metrics, metrics]}, "coverage": {("true PET", 0.5, 1.645): [0.8, 0.9]},
+    result = {"scores": {"U-Net": [metrics, metrics]},
+              "level_matched": {"U-Net": [{**metrics, "psnr": 21.0}, {**metrics, "psnr": 23.0}]}, "coverage": {("true PET", 0.5, 1.645): [0.8, 0.9]},
               "samples": 8, "calibration": {"temperature": 1.25, "subjects": 2, "z": 1.645, "samples": 16,
                                             "target": 0.86, "coverage": 0.855},
               "budget_s": 60.0,
@@ -103,7 +104,7 @@ def test_quality_markdown_and_level_matching():
               "spacing": [4.0, 4.0, 4.0], "batch_size": 2, "device": "cpu", "seconds": 120.0, "seed": 0}
     text = bench.quality_markdown(result)
     assert "seed 0)" in text
-    assert "| U-Net | 20.00 ± 0.00 | 0.800 ± 0.000 |" in text
+    assert "| U-Net | 20.00 ± 0.00 | 0.800 ± 0.000 |" in text and "| U-Net | 22.00 ± 1.41 | 0.800 ± 0.000 |" in text
     assert "| true PET | 0.5 | mean ± 1.645 std | 82.5 | 85.0 ± 7.1 |" in text
     assert "The calibrated temperature T = 1.25" in text and "reached 85.5 %" in text
     assert "no validation subjects" in bench.calibration_text(None)
@@ -115,15 +116,20 @@ def test_quality_markdown_and_level_matching():
 
 def test_seed_rows_compare_medflow_with_the_unet_per_seed_and_over_seeds():
     def result(seed, unet_psnr, flow_psnr):
+        def scores(shift):
+            return {bench.UNET: [{"psnr": unet_psnr + shift, "ssim": 0.8}] * 2,
+                    "medflow, mean of 16 samples": [{"psnr": flow_psnr + 2 * shift, "ssim": 0.9}] * 2,
+                    "medflow, T=0 (prior mean)": [{"psnr": 0.0, "ssim": 0.0}] * 2}
+
         return {"seed": seed, "flow_steps": 10, "unet_steps": 8, "calibration": {"temperature": 1.2}, "samples": 16,
-                "scores": {bench.UNET: [{"psnr": unet_psnr, "ssim": 0.8}] * 2,
-                           "medflow, mean of 16 samples": [{"psnr": flow_psnr, "ssim": 0.9}] * 2,
-                           "medflow, T=0 (prior mean)": [{"psnr": 0.0, "ssim": 0.0}] * 2}}
+                "scores": scores(0.0), "level_matched": scores(1.0)}
 
     rows = bench.seed_rows([result(0, 20.0, 20.5), result(1, 21.0, 20.5)])
-    assert rows[0] == ["0", "10 / 8", "1.20", "20.00", "20.50", "+0.50", "0.800", "0.900", "+0.100"]
+    assert rows[0] == ["0", "10 / 8", "1.20", "20.00", "20.50", "+0.50", "0.800", "0.900", "+0.100",
+                       "21.00", "22.50", "+1.50"]
     assert rows[1][3:6] == ["21.00", "20.50", "-0.50"]
-    assert rows[2][5] == "0.00 ± 0.71" and rows[2][8] == "0.100 ± 0.000"
+    assert rows[2][5] == "0.00 ± 0.71" and rows[2][8] == "0.100 ± 0.000" and rows[2][11] == "1.00 ± 0.71"
+    assert len(rows[2]) == len(bench.SEED_HEADERS)
     assert "seeds 0 to 1" in bench.seeds_markdown([result(0, 20.0, 20.5), result(1, 21.0, 20.5)])
 
 
@@ -138,8 +144,10 @@ def test_quality_run_end_to_end_on_a_tiny_cohort():
     assert result["unet_steps"] >= bench.UNET_WARMUP_STEPS + bench.UNET_TIMED_STEPS
     assert result["n_val"] == 1 and 0.05 <= result["calibration"]["temperature"] <= 4.0
     assert len(result["scores"]) == 5 and sum("(calibrated)" in name for name in result["scores"]) == 2
-    assert all(np.isfinite(r["psnr"]) and 0 < r["ssim"] <= 1 for rows in result["scores"].values() for r in rows)
-    assert "| U-Net (MONAI BasicUNet, L1) |" in bench.quality_markdown(result)
+    for key in ("scores", "level_matched"):
+        assert len(result[key]) == 5
+        assert all(np.isfinite(r["psnr"]) and 0 < r["ssim"] <= 1 for rows in result[key].values() for r in rows)
+    assert bench.quality_markdown(result).count("| U-Net (MONAI BasicUNet, L1) |") == 2
     assert len(result["coverage"]) == 2 * 2 * len(bench.CALIBRATION_TRUTHS)
     assert all(0 <= c <= 1 for values in result["coverage"].values() for c in values)
 
