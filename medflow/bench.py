@@ -323,8 +323,11 @@ def score_test_subjects(tm, net, subjects, folder: Path, device: torch.device) -
     matched = {name: [] for name in scores}
 
     def score(name, pred, ref, mask):
+        """Score ``pred`` both ways; returns the level-matched reference."""
+        ref_at_level = level_matched(ref, pred)
         scores[name].append(compute_metrics(pred, ref, mask))
-        matched[name].append(compute_metrics(pred, level_matched(ref, pred), mask))
+        matched[name].append(compute_metrics(pred, ref_at_level, mask))
+        return ref_at_level
 
     calibration = {(truth, t, z): [] for t, n in variants.values() if n > 1
                    for truth in CALIBRATION_TRUTHS for z in coverage_zs(n)}
@@ -338,10 +341,10 @@ def score_test_subjects(tm, net, subjects, folder: Path, device: torch.device) -
             synthesize_file(tm, s.mri, mean_path, SynthesisOptions(temperature, samples, overwrite=True), device,
                             std_out=std_path if samples > 1 else None)
             mean = read_volume(mean_path).data
-            score(name, mean, ref.data, mask)
+            ref_at_level = score(name, mean, ref.data, mask)
             if samples > 1:
                 std = read_volume(std_path).data
-                for truth, values in zip(CALIBRATION_TRUTHS, (ref.data, level_matched(ref.data, mean))):
+                for truth, values in zip(CALIBRATION_TRUTHS, (ref.data, ref_at_level)):
                     for z in coverage_zs(samples):
                         calibration[(truth, temperature, z)].append(coverage(mean, std, values, mask, z))
     return {"scores": scores, "level_matched": matched, "coverage": calibration, "samples": CALIBRATION_SAMPLES,

@@ -96,7 +96,8 @@ def test_rounds_alternate_order_and_merge_per_case(monkeypatch):
 def test_quality_markdown_and_level_matching():
     metrics = {"psnr": 20.0, "ssim": 0.8, "nmse": 0.05, "mae": 0.1}
     result = {"scores": {"U-Net": [metrics, metrics]},
-              "level_matched": {"U-Net": [{**metrics, "psnr": 21.0}, {**metrics, "psnr": 23.0}]}, "coverage": {("true PET", 0.5, 1.645): [0.8, 0.9]},
+              "level_matched": {"U-Net": [{**metrics, "psnr": 21.0}, {**metrics, "psnr": 23.0}]},
+              "coverage": {("true PET", 0.5, 1.645): [0.8, 0.9]},
               "samples": 8, "calibration": {"temperature": 1.25, "subjects": 2, "z": 1.645, "samples": 16,
                                             "target": 0.86, "coverage": 0.855},
               "budget_s": 60.0,
