@@ -276,10 +276,21 @@ def lesion_pet_weights(lesions: np.ndarray, spacing: float) -> tuple[np.ndarray,
     return local, remote
 
 
+def lower_uptake_at_lesions(uptake: np.ndarray, lesions: np.ndarray, spacing: float, local_drop: float,
+                            remote_drop: float) -> np.ndarray:
+    """``uptake`` (X, Y, Z, float32) times what survives the lesions, in place: it loses
+    ``local_drop`` of itself where the local weight is 1, then ``remote_drop`` where the remote
+    one is (``lesion_pet_weights``)."""
+    local, remote = lesion_pet_weights(lesions, spacing)
+    uptake *= 1.0 - np.float32(local_drop) * local
+    uptake *= 1.0 - np.float32(remote_drop) * remote
+    return uptake
+
+
 def lesion_uptake_loss(lesions: np.ndarray, spacing: float) -> np.ndarray:
     """(X, Y, Z) fraction of FDG uptake the lesions take away at least (the smallest drops drawn)."""
-    local, remote = lesion_pet_weights(lesions, spacing)
-    return 1.0 - (1.0 - LESION_LOCAL_DROP[0] * local) * (1.0 - LESION_REMOTE_DROP[0] * remote)
+    kept = lower_uptake_at_lesions(np.ones_like(lesions), lesions, spacing, LESION_LOCAL_DROP[0], LESION_REMOTE_DROP[0])
+    return 1.0 - kept
 
 
 def _pet(rng, tpl, gm, wm, csf, hypometabolism, drop, lesions, inside) -> np.ndarray:
@@ -290,9 +301,7 @@ def _pet(rng, tpl, gm, wm, csf, hypometabolism, drop, lesions, inside) -> np.nda
     wm_uptake = 1.0 / rng.uniform(2.5, 3.0)
     csf_uptake = wm_uptake / rng.uniform(3.0, 4.0)
     uptake = gm * gm_uptake + np.float32(wm_uptake) * wm + np.float32(csf_uptake) * csf
-    local, remote = lesion_pet_weights(lesions, spacing)
-    uptake *= 1.0 - np.float32(rng.uniform(*LESION_LOCAL_DROP)) * local
-    uptake *= 1.0 - np.float32(rng.uniform(*LESION_REMOTE_DROP)) * remote
+    lower_uptake_at_lesions(uptake, lesions, spacing, rng.uniform(*LESION_LOCAL_DROP), rng.uniform(*LESION_REMOTE_DROP))
     fwhm = rng.uniform(6.0, 8.0)
     uptake = ndimage.gaussian_filter(uptake, np.sqrt(max(fwhm**2 - spacing**2, 0.0)) / FWHM_PER_SIGMA / spacing)
     uptake *= np.float32(rng.uniform(1.0, 1.5) / uptake[inside].mean())
