@@ -1,7 +1,7 @@
 """Does side information and a second MRI contrast help? ``python -m medflow.conditioning_study``.
 
 On demo data, the same preset is trained for the same number of steps and seeds with
-(a) T1 only, (b) T1 + side information (age, sex, dx), (c) T1 + FLAIR, and each run's conditional
+(a) T1 only, (b) T1 + side information (age, sex, dx), (c) T1 + FLAIR, (d) T1 + ASL, and each run's conditional
 PET bits per voxel is measured on the held-out (split=test) subjects with its final weights; the
 side model is scored again with default covariates and the FLAIR model with each held-out FLAIR
 made without its lesions, so that the same weights show how much they use what was changed. Then
@@ -35,6 +35,7 @@ VARIANTS = {  # name: (MRI columns, side columns)
     "T1": (["mri"], []),
     "T1 + side (age, sex, dx)": (["mri"], ["age", "sex", "dx"]),
     "T1 + FLAIR": (["mri", "t2"], []),
+    "T1 + ASL": (["mri", "asl"], []),
 }
 SIDE_VARIANT, FLAIR_VARIANT = "T1 + side (age, sex, dx)", "T1 + FLAIR"
 PAIRED_ROWS = [  # (variant, result key, what changed): the same weights scored on changed held-out inputs
@@ -213,7 +214,10 @@ held-out FLAIR made again by the recipe without its white-matter lesions (the PE
 other draw is the same): the gap is how much of its score comes from what the FLAIR shows and the
 T1 does not. The lesions lower PET uptake by 3 % or more in {100 * lesion_fraction:.1f} % of the held-out
 subjects' brain voxels (`demo_data.lesion_uptake_loss`, with the smallest drops the recipe draws):
-there the PET follows what only the FLAIR shows.{failures}
+there the PET follows what only the FLAIR shows. The ASL perfusion map follows the PET's grey-matter
+uptake (flow-metabolism coupling), so it shows the hypometabolism, which the T1's atrophy only partly
+shows, and the metabolic variation, which no other MRI shows, at low resolution and SNR (data/README.md):
+a second contrast that carries more of the PET than the FLAIR does.{failures}
 
 {md_table(["variant", "held-out PET bit/voxel per seed", "mean", "vs T1", "train s"], rows)}
 

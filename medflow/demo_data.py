@@ -1,9 +1,10 @@
-"""Realistic paired T1 / FLAIR / FDG-PET demo volumes built offline from the MNI ICBM152 2009 template.
+"""Realistic paired T1 / FLAIR / ASL / FDG-PET demo volumes built offline from the MNI ICBM152 2009 template.
 
 Each subject is the template anatomy (GM, WM, CSF probabilities and brain mask shipped with
 nilearn) under a random smooth deformation and global affine, aged and, for MCI/AD, atrophied;
-from these tissue maps a scanner-like T1, a FLAIR with white-matter lesions, and an FDG-PET with
-an Alzheimer-type temporo-parietal hypometabolism are simulated. The recipe is described step by
+from these tissue maps a scanner-like T1, a FLAIR with white-matter lesions, an FDG-PET with
+an Alzheimer-type temporo-parietal hypometabolism, and an ASL perfusion (CBF) map that follows
+the PET's tissue uptake (flow-metabolism coupling) at low resolution and SNR are simulated. The recipe is described step by
 step in data/README.md. Everything is deterministic for a seed: subject ``i`` draws from
 ``numpy.random.default_rng([seed, i])``, so it is the same whatever the number of subjects.
 """
@@ -25,11 +26,11 @@ from scipy import ndimage
 from medflow.errors import OutputError
 from medflow.imageio import write_bytes_atomic
 
-RECIPE_VERSION = 2
+RECIPE_VERSION = 3
 PARAMS_FILE = "demo.json"
 MANIFEST_FILE = "manifest.csv"
-MODALITIES = ("t1", "t2", "pet", "mask")
-COLUMNS = ("subject", "mri", "pet", "mask", "t2", "age", "sex", "dx", "split")
+MODALITIES = ("t1", "t2", "asl", "pet", "mask")
+COLUMNS = ("subject", "mri", "pet", "mask", "t2", "asl", "age", "sex", "dx", "split")
 DIAGNOSES = ("CN", "MCI", "AD")
 FWHM_PER_SIGMA = 2.3548
 
@@ -57,13 +58,21 @@ ATROPHY_PER_DROP = (0.05, 0.25)
 # Fraction of uptake lost where a white-matter lesion's local / remote (disconnection) weight is 1.
 LESION_LOCAL_DROP = (0.3, 0.5)
 LESION_REMOTE_DROP = (0.15, 0.25)
+# ASL: grey-matter CBF in ml/100 g/min, GM / WM CBF ratio, CBF ~ metabolism ** exponent (flow-metabolism
+# coupling, relative CBF changes smaller than FDG's), resolution (FWHM mm), noise std as a fraction of GM CBF.
+ASL_GM_CBF = (45.0, 65.0)
+ASL_GM_WM_RATIO = (2.0, 3.0)
+ASL_COUPLING = (0.7, 1.0)
+ASL_FWHM = (4.0, 6.0)
+ASL_NOISE = (0.08, 0.15)
 
 
 @dataclass
 class DemoSubject:
     """One simulated subject on the output grid; every array has shape (X, Y, Z).
 
-    t1, t2: float32 MRI in arbitrary scanner units; pet: float32 SUV-like FDG uptake;
+    t1, t2: float32 MRI in arbitrary scanner units; asl: float32 CBF in ml/100 g/min;
+    pet: float32 SUV-like FDG uptake;
     mask: uint8 brain mask; gm, wm, csf: float32 tissue fractions after deformation and
     atrophy; lesions: float32 white-matter lesion load in [0, 1]; hypometabolism: float32
     weight in [0, 1] of the Alzheimer-type pattern (scaled by ``metabolic_drop`` in GM uptake).
@@ -76,6 +85,7 @@ class DemoSubject:
     metabolic_drop: float
     t1: np.ndarray
     t2: np.ndarray
+    asl: np.ndarray
     pet: np.ndarray
     mask: np.ndarray
     gm: np.ndarray
@@ -293,8 +303,14 @@ def lesion_uptake_loss(lesions: np.ndarray, spacing: float) -> np.ndarray:
     return 1.0 - kept
 
 
-def _pet(rng, tpl, gm, wm, csf, hypometabolism, drop, lesions, inside) -> np.ndarray:
-    """FDG-PET in SUV-like units: tissue uptake, hypometabolism, lesion effect, scanner blur and noise."""
+def _resolution_sigma(fwhm: float, spacing: float) -> float:
+    """Gaussian sigma in voxels that takes a volume at ``spacing`` mm to a resolution of ``fwhm`` mm."""
+    return np.sqrt(max(fwhm**2 - spacing**2, 0.0)) / FWHM_PER_SIGMA / spacing
+
+
+def _pet(rng, tpl, gm, wm, csf, hypometabolism, drop, lesions, inside) -> tuple[np.ndarray, np.ndarray]:
+    """FDG-PET in SUV-like units: tissue uptake, hypometabolism, lesion effect, scanner blur and noise.
+    Also returns the grey-matter uptake it was built from (relative, healthy mean 1; before the lesions)."""
     spacing = float(tpl.affine[0, 0])
     gm_uptake = (1.0 - np.float32(drop) * hypometabolism)
     gm_uptake *= 1.0 + np.float32(rng.uniform(0.04, 0.08)) * _smooth_field(rng, tpl.shape, spacing, 25.0)
@@ -302,14 +318,30 @@ def _pet(rng, tpl, gm, wm, csf, hypometabolism, drop, lesions, inside) -> np.nda
     csf_uptake = wm_uptake / rng.uniform(3.0, 4.0)
     uptake = gm * gm_uptake + np.float32(wm_uptake) * wm + np.float32(csf_uptake) * csf
     lower_uptake_at_lesions(uptake, lesions, spacing, rng.uniform(*LESION_LOCAL_DROP), rng.uniform(*LESION_REMOTE_DROP))
-    fwhm = rng.uniform(6.0, 8.0)
-    uptake = ndimage.gaussian_filter(uptake, np.sqrt(max(fwhm**2 - spacing**2, 0.0)) / FWHM_PER_SIGMA / spacing)
+    uptake = ndimage.gaussian_filter(uptake, _resolution_sigma(rng.uniform(6.0, 8.0), spacing))
     uptake *= np.float32(rng.uniform(1.0, 1.5) / uptake[inside].mean())
     noise = ndimage.gaussian_filter(rng.standard_normal(tpl.shape, dtype=np.float32), 2.5 / spacing)
     noise /= max(float(noise.std()), 1e-6)
     uptake *= 1.0 + np.float32(rng.uniform(0.03, 0.06)) * noise
     uptake += np.float32(0.01) * rng.standard_normal(tpl.shape, dtype=np.float32)
-    return np.round(np.clip(uptake, 0.0, None) * 4096.0) / np.float32(4096.0)
+    return np.round(np.clip(uptake, 0.0, None) * 4096.0) / np.float32(4096.0), gm_uptake
+
+
+def _asl(rng, tpl, gm, wm, gm_uptake, lesions, inside) -> np.ndarray:
+    """ASL CBF map in ml/100 g/min: perfusion follows the PET's grey-matter uptake (hypometabolism,
+    metabolic variation) to a power ``ASL_COUPLING`` and drops at lesions like it; CSF has none. A
+    smooth labelling-efficiency / transit-delay field, low resolution, correlated noise, clipped at 0."""
+    spacing = float(tpl.affine[0, 0])
+    gm_cbf = rng.uniform(*ASL_GM_CBF)
+    wm_cbf = gm_cbf / rng.uniform(*ASL_GM_WM_RATIO)
+    cbf = gm * np.float32(gm_cbf) * gm_uptake ** np.float32(rng.uniform(*ASL_COUPLING)) + np.float32(wm_cbf) * wm
+    lower_uptake_at_lesions(cbf, lesions, spacing, rng.uniform(*LESION_LOCAL_DROP), rng.uniform(*LESION_REMOTE_DROP))
+    cbf *= _bias_field(rng, tpl.shape, spacing, inside)
+    sigma = _resolution_sigma(rng.uniform(*ASL_FWHM), spacing)
+    cbf = ndimage.gaussian_filter(cbf, sigma)
+    noise = ndimage.gaussian_filter(rng.standard_normal(tpl.shape, dtype=np.float32), sigma)
+    cbf += np.float32(rng.uniform(*ASL_NOISE) * gm_cbf / max(float(noise.std()), 1e-6)) * noise
+    return np.round(np.clip(cbf, 0.0, None) * 10.0) / np.float32(10.0)
 
 
 def make_demo_subject(index: int, *, seed: int = 0, spacing: float = 2.0, dx: str | None = None,
@@ -343,8 +375,9 @@ def make_demo_subject(index: int, *, seed: int = 0, spacing: float = 2.0, dx: st
 
     t1 = _t1(rng, tpl, gm, wm, csf, detail, inside)
     t2 = _flair(rng, tpl, gm, wm, csf, lesions if flair_lesions else np.zeros_like(lesions), inside)
-    pet = _pet(rng, tpl, gm, wm, csf, hypometabolism, drop, lesions, inside)
-    return DemoSubject(f"sub-{index + 1:03d}", age, sex, diagnosis, drop, t1, t2, pet,
+    pet, gm_uptake = _pet(rng, tpl, gm, wm, csf, hypometabolism, drop, lesions, inside)
+    asl = _asl(rng, tpl, gm, wm, gm_uptake, lesions, inside)
+    return DemoSubject(f"sub-{index + 1:03d}", age, sex, diagnosis, drop, t1, t2, asl, pet,
                        inside.astype(np.uint8), gm, wm, csf, lesions, hypometabolism)
 
 
@@ -400,10 +433,10 @@ def make_demo_dataset(out_dir: Path, subjects: int, *, seed: int = 0, spacing: f
     """Write a paired demo cohort to ``out_dir``; return the path of its ``manifest.csv``.
 
     Per subject ``sub-XXX``: ``sub-XXX_t1.nii.gz`` (T1, arbitrary units), ``sub-XXX_t2.nii.gz``
-    (FLAIR with white-matter lesions), ``sub-XXX_pet.nii.gz`` (FDG, SUV-like) as float32 and
-    ``sub-XXX_mask.nii.gz`` (uint8 brain mask), all (X, Y, Z) on the MNI grid at ``spacing`` mm
-    (99 x 117 x 95 at 2 mm). ``manifest.csv`` has the columns subject, mri, pet, mask, t2, age,
-    sex, dx, split (paths relative to the CSV; the last ``heldout`` subjects have split=test).
+    (FLAIR with white-matter lesions), ``sub-XXX_asl.nii.gz`` (ASL CBF, ml/100 g/min),
+    ``sub-XXX_pet.nii.gz`` (FDG, SUV-like) as float32 and ``sub-XXX_mask.nii.gz`` (uint8 brain
+    mask), all (X, Y, Z) on the MNI grid at ``spacing`` mm (99 x 117 x 95 at 2 mm).
+    ``manifest.csv`` has the columns subject, mri, pet, mask, t2, asl, age, sex, dx, split (paths relative to the CSV; the last ``heldout`` subjects have split=test).
 
     ``dx``: optional diagnosis per subject (CN, MCI, AD) instead of the drawn ones.
     A folder holding a complete dataset made with the same parameters (``demo.json``) is reused
@@ -454,7 +487,7 @@ def make_demo_dataset(out_dir: Path, subjects: int, *, seed: int = 0, spacing: f
                 write_bytes_atomic(path, _nifti_bytes(getattr(subject, modality), affine), overwrite=True)
         age, sex, diagnosis = _demographics(np.random.default_rng([seed, index]), forced)
         rows.append({"subject": name, "mri": files["t1"].name, "pet": files["pet"].name,
-                     "mask": files["mask"].name, "t2": files["t2"].name, "age": f"{age:.1f}", "sex": sex,
+                     "mask": files["mask"].name, "t2": files["t2"].name, "asl": files["asl"].name, "age": f"{age:.1f}", "sex": sex,
                      "dx": diagnosis, "split": "test" if index >= subjects - heldout else "train"})
         if progress is not None:
             progress(index + 1, subjects)

@@ -40,7 +40,7 @@ def test_files_and_manifest(dataset):
     assert [r["dx"] for r in rows] == DX
     for row in rows:
         assert 55.0 <= float(row["age"]) <= 90.0 and row["sex"] in ("M", "F")
-        images = {c: load(csv_path, row[c]) for c in ("mri", "t2", "pet", "mask")}
+        images = {c: load(csv_path, row[c]) for c in ("mri", "t2", "asl", "pet", "mask")}
         assert row["mri"] == f"{row['subject']}_t1.nii.gz"
         reference = images["mri"][0]
         assert np.allclose(np.diag(reference.affine)[:3], SPACING)
@@ -51,7 +51,7 @@ def test_files_and_manifest(dataset):
             assert np.isfinite(data).all()
         mask = images["mask"][1].astype(bool)
         assert set(np.unique(mask)) == {False, True}
-        for column in ("mri", "t2", "pet"):
+        for column in ("mri", "t2", "asl", "pet"):
             data = images[column][1]
             assert data.min() >= 0 and data[mask].mean() > 5 * data[~mask].mean()
         assert 0.8 < images["pet"][1][mask].mean() < 1.8
@@ -62,6 +62,7 @@ def test_saved_volumes_match_simulation(dataset):
     subject = make_demo_subject(1, seed=7, spacing=SPACING, dx="AD")
     assert np.array_equal(load(csv_path, rows[1]["pet"])[1], subject.pet)
     assert np.array_equal(load(csv_path, rows[1]["t2"])[1], subject.t2)
+    assert np.array_equal(load(csv_path, rows[1]["asl"])[1], subject.asl)
     assert subject.age == float(rows[1]["age"]) and subject.sex == rows[1]["sex"]
 
 
@@ -83,6 +84,22 @@ def test_alzheimer_hypometabolism():
         patient = make_demo_subject(index, seed=11, spacing=SPACING, dx="AD")
         assert pattern_ratio(patient) < pattern_ratio(healthy) - 0.05
         assert patient.age == healthy.age and np.array_equal(patient.lesions, healthy.lesions)
+
+
+def test_asl_perfusion_follows_the_pet_uptake():
+    """GM perfuses more than WM, CSF not at all; the AD pattern lowers ASL where it lowers FDG; and the
+    ASL tracks the PET's uptake beyond what the tissue maps explain (the metabolic variation)."""
+    for index in range(3):
+        healthy = make_demo_subject(index, seed=11, spacing=4.0, dx="CN")
+        patient = make_demo_subject(index, seed=11, spacing=4.0, dx="AD")
+        gm, wm, csf = (healthy.asl[getattr(healthy, t) > 0.6].mean() for t in ("gm", "wm", "csf"))
+        assert 30 < gm < 70 and gm > 1.3 * wm and wm > 1.5 * csf
+        cortex, region = patient.gm > 0.5, patient.hypometabolism > 0.5
+        assert (patient.asl[cortex & region].mean() / patient.asl[cortex & ~region].mean()
+                < healthy.asl[cortex & region].mean() / healthy.asl[cortex & ~region].mean() - 0.05)
+        grey = healthy.gm > 0.8
+        with_pet = np.corrcoef(healthy.asl[grey], healthy.pet[grey])[0, 1]
+        assert with_pet > 0.2 and with_pet > abs(np.corrcoef(healthy.asl[grey], healthy.t1[grey])[0, 1])
 
 
 def test_lesions_lower_pet_and_show_in_flair_only():
@@ -119,7 +136,7 @@ def test_deterministic_per_seed():
     first = make_demo_subject(2, seed=4, spacing=SPACING)
     again = make_demo_subject(2, seed=4, spacing=SPACING)
     other = make_demo_subject(2, seed=5, spacing=SPACING)
-    for name in ("t1", "t2", "pet", "mask"):
+    for name in ("t1", "t2", "asl", "pet", "mask"):
         assert np.array_equal(getattr(first, name), getattr(again, name))
     assert not np.array_equal(first.pet, other.pet)
 
@@ -139,7 +156,7 @@ def test_overwrite_replaces_and_interrupted_run_completes(tmp_path):
     make_demo_dataset(tmp_path, 3, seed=1, spacing=SPACING)
     make_demo_dataset(tmp_path, 2, seed=2, spacing=SPACING, overwrite=True)
     assert sorted(p.name for p in tmp_path.glob("sub-*")) == [f"sub-00{i}_{m}.nii.gz" for i in (1, 2)
-                                                             for m in ("mask", "pet", "t1", "t2")]
+                                                             for m in ("asl", "mask", "pet", "t1", "t2")]
     params = json.loads((tmp_path / "demo.json").read_text())
     assert params["complete"] and params["parameters"]["seed"] == 2
 
