@@ -358,7 +358,7 @@ def demo_data(
     seed: int = typer.Option(0, help="Seed of the recipe."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a different existing demo dataset."),
 ):
-    """Generate realistic paired T1/T2/FDG-PET demo volumes from the MNI ICBM152 template (offline).
+    """Generate realistic paired T1/FLAIR/ASL/FDG-PET demo volumes from the MNI ICBM152 template (offline).
 
     Example: medflow demo-data demo/data --subjects 32 --heldout 8
     """
