@@ -381,6 +381,8 @@ def demo(
     subjects: int = typer.Option(32, help="Demo subjects (the last --heldout are test subjects)."),
     heldout: int = typer.Option(8, help="Held-out test subjects."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Start again in a folder that a demo with other "
+                                   "settings or an older data recipe made: its data, run and outputs are replaced."),
 ):
     """The newcomer path in one command: demo data, training, synthesis with uncertainty and QC, evaluation.
 
@@ -389,7 +391,7 @@ def demo(
     from medflow.demo import DemoOptions, run_demo
 
     def body():
-        opts = DemoOptions(out_dir, parse_seconds(time_limit), subjects, heldout, device=device)
+        opts = DemoOptions(out_dir, parse_seconds(time_limit), subjects, heldout, device=device, overwrite=overwrite)
         results = run_demo(opts, console, progress_bar)
         table = Table(title=f"held-out demo subjects (n={heldout}), inside the brain mask")
         table.add_column("method")

@@ -6,6 +6,7 @@ parameters, a finished training run (an unfinished one is resumed), existing out
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,6 +14,7 @@ import numpy as np
 
 from medflow.baseline import IntensityMapping
 from medflow.device import resolve_device
+from medflow.errors import OutputError
 from medflow.imageio import read_mask, read_volume, write_volume
 from medflow.manifest import read_csv_manifest
 from medflow.metrics import compute_metrics
@@ -31,6 +33,33 @@ class DemoOptions:
     temperature: float | None = None  # None: the temperature training calibrated (``TrainedModel.temperature``)
     samples: int = 8
     seed: int = 0
+    overwrite: bool = False  # replace a demo folder made with other parameters or an older data recipe
+
+
+RUN_FOLDER = "run"
+OUTPUT_FOLDERS = ("synth", "std", "qc", "baseline")
+DATA_SPACING = 2.0  # mm
+
+
+def demo_data(opts: DemoOptions) -> Path:
+    """The demo cohort in ``out/data``; returns its manifest. A folder holding another demo's data
+    (other parameters or recipe) is an OutputError unless ``opts.overwrite``: then that data, the run
+    trained on it and the outputs made from it are replaced."""
+    from medflow.demo_data import dataset_parameters, make_demo_dataset, recorded_parameters
+
+    out = Path(opts.out)
+    recorded = recorded_parameters(out / "data")
+    wanted = dataset_parameters(opts.subjects, seed=opts.seed, spacing=DATA_SPACING, heldout=opts.heldout)
+    if opts.overwrite and recorded is not None and recorded != wanted:
+        for name in (RUN_FOLDER, *OUTPUT_FOLDERS):
+            try:
+                shutil.rmtree(out / name)
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                raise OutputError(f"{out / name}: cannot remove ({exc.strerror or exc})") from None
+    return make_demo_dataset(out / "data", opts.subjects, seed=opts.seed, spacing=DATA_SPACING, heldout=opts.heldout,
+                             overwrite=opts.overwrite)
 
 
 def _zooms(affine: np.ndarray) -> np.ndarray:
@@ -39,19 +68,18 @@ def _zooms(affine: np.ndarray) -> np.ndarray:
 
 def run_demo(opts: DemoOptions, console, progress_factory) -> dict:
     """Run the whole newcomer path; returns {method: {metric: mean}} for the held-out subjects."""
-    from medflow.demo_data import make_demo_dataset
     from medflow.synthesize import SynthesisOptions, synthesize_file
     from medflow.train import Trainer, TrainOptions
     from medflow.trained import load_trained
 
     out = Path(opts.out)
-    data_csv = make_demo_dataset(out / "data", opts.subjects, seed=opts.seed, spacing=2.0, heldout=opts.heldout)
+    data_csv = demo_data(opts)
     console.print(f"demo data: {data_csv}")
     subjects = read_csv_manifest(data_csv, ["mri"])
     train_rows = [s for s in subjects if s.split != "test"]
     test_rows = [s for s in subjects if s.split == "test"]
 
-    run = out / "run"
+    run = out / RUN_FOLDER
     if not (run / "final.pt").exists():
         resume = (run / "config.json").exists()
         trainer = Trainer(TrainOptions(data=data_csv, out=run, preset=opts.preset, time_limit=opts.time_limit,
@@ -67,7 +95,7 @@ def run_demo(opts: DemoOptions, console, progress_factory) -> dict:
         (read_volume(s.mri[0]).data, read_volume(s.pet).data, read_mask(s.mask, like=read_volume(s.pet)),
          _zooms(read_volume(s.pet).affine)) for s in train_rows)
     synth_opts = SynthesisOptions(opts.temperature, opts.samples, opts.seed, overwrite=True)
-    folders = {name: out / name for name in ("synth", "std", "qc", "baseline")}
+    folders = {name: out / name for name in OUTPUT_FOLDERS}
     for folder in folders.values():
         folder.mkdir(parents=True, exist_ok=True)
     scores: dict[str, list[dict]] = {"medflow": [], "intensity mapping": []}

@@ -409,6 +409,19 @@ def _read_params(out: Path) -> dict | None:
         return None
 
 
+def dataset_parameters(subjects: int, *, seed: int = 0, spacing: float = 2.0, heldout: int = 0,
+                       dx: Sequence[str] | None = None) -> dict:
+    """What ``demo.json`` records of the dataset ``make_demo_dataset`` makes with these arguments."""
+    return {"recipe": RECIPE_VERSION, "subjects": int(subjects), "seed": int(seed), "spacing": float(spacing),
+            "heldout": int(heldout), "dx": list(dx) if dx is not None else None}
+
+
+def recorded_parameters(out_dir: Path) -> dict | None:
+    """The parameters ``out_dir/demo.json`` records (``dataset_parameters``), None without one."""
+    recorded = _read_params(Path(out_dir))
+    return recorded.get("parameters") if isinstance(recorded, dict) else None
+
+
 def _dataset_files(out: Path) -> list[Path]:
     """Files of a demo dataset already in ``out`` (ours or an older recipe's)."""
     if not out.is_dir():
@@ -454,8 +467,7 @@ def make_demo_dataset(out_dir: Path, subjects: int, *, seed: int = 0, spacing: f
     if dx is not None and (len(dx) != subjects or any(d not in DIAGNOSES for d in dx)):
         raise ValueError(f"dx must list one of {', '.join(DIAGNOSES)} per subject")
     out = Path(out_dir)
-    params = {"recipe": RECIPE_VERSION, "subjects": int(subjects), "seed": int(seed), "spacing": float(spacing),
-              "heldout": int(heldout), "dx": list(dx) if dx is not None else None}
+    params = dataset_parameters(subjects, seed=seed, spacing=spacing, heldout=heldout, dx=dx)
     names = [f"sub-{i + 1:03d}" for i in range(subjects)]
     csv_path = out / MANIFEST_FILE
     wanted = [csv_path] + [p for name in names for p in _subject_files(out, name).values()]

@@ -1,0 +1,54 @@
+"""``medflow demo`` on a folder an earlier demo made: reused when its data matches, refused or
+replaced (with --overwrite) when it holds another demo's data or an older recipe's."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from medflow.cli import app
+from medflow.demo import DATA_SPACING, DemoOptions, demo_data
+from medflow.demo_data import dataset_parameters
+from medflow.errors import OutputError
+
+
+def older_demo(out, subjects=2, heldout=1):
+    """A demo folder as an earlier recipe left it: its demo.json, a data file, a finished run, a synthesis."""
+    (out / "data").mkdir(parents=True)
+    old = {**dataset_parameters(subjects, spacing=DATA_SPACING, heldout=heldout), "recipe": 2}
+    (out / "data" / "demo.json").write_text(json.dumps({"parameters": old, "complete": True}))
+    (out / "data" / "sub-001_t1.nii.gz").write_bytes(b"old")
+    for path in (out / "run" / "final.pt", out / "synth" / "sub-002.nii.gz"):
+        path.parent.mkdir()
+        path.write_bytes(b"old")
+
+
+def test_another_demo_is_refused_and_left_as_it_was(tmp_path):
+    older_demo(tmp_path)
+    before = sorted(p for p in tmp_path.rglob("*"))
+    with pytest.raises(OutputError, match="other parameters"):
+        demo_data(DemoOptions(tmp_path, subjects=2, heldout=1))
+    assert sorted(p for p in tmp_path.rglob("*")) == before
+    result = CliRunner().invoke(app, ["demo", "--out", str(tmp_path), "--subjects", "2", "--heldout", "1"])
+    assert result.exit_code == 4 and "--overwrite" in result.output and "Traceback" not in result.output
+    assert sorted(p for p in tmp_path.rglob("*")) == before
+
+
+def test_overwrite_replaces_the_data_and_what_was_made_from_it(tmp_path):
+    older_demo(tmp_path)
+    csv_path = demo_data(DemoOptions(tmp_path, subjects=2, heldout=1, overwrite=True))
+    assert csv_path == tmp_path / "data" / "manifest.csv" and csv_path.exists()
+    assert (tmp_path / "data" / "sub-001_asl.nii.gz").exists()
+    assert (tmp_path / "data" / "sub-001_t1.nii.gz").read_bytes() != b"old"
+    assert not (tmp_path / "run").exists() and not (tmp_path / "synth").exists()
+
+
+def test_same_data_keeps_the_run(tmp_path):
+    opts = DemoOptions(tmp_path, subjects=2, heldout=1, overwrite=True)
+    demo_data(opts)
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "final.pt").write_bytes(b"trained")
+    demo_data(opts)
+    assert (tmp_path / "run" / "final.pt").read_bytes() == b"trained"
