@@ -3,8 +3,9 @@
 On demo data, the same preset is trained for the same number of steps and seeds with
 (a) T1 only, (b) T1 + side information (age, sex, dx), (c) T1 + FLAIR, (d) T1 + ASL, and each run's conditional
 PET bits per voxel is measured on the held-out (split=test) subjects with its final weights; the
-side model is scored again with default covariates and the FLAIR model with each held-out FLAIR
-made without its lesions, so that the same weights show how much they use what was changed. Then
+side model is scored again with default covariates, the FLAIR model with each held-out FLAIR
+made without its lesions and the ASL model with each held-out ASL made without the metabolic
+information, so that the same weights show how much they use what was changed. Then
 the side-information model synthesizes every held-out subject twice at temperature 0, with dx=CN
 and with dx=AD (all else equal), and the difference CN - AD is compared inside the recipe's
 hypometabolism pattern against the rest of the grey matter. Writes CONDITIONING.md.
@@ -37,11 +38,18 @@ VARIANTS = {  # name: (MRI columns, side columns)
     "T1 + FLAIR": (["mri", "t2"], []),
     "T1 + ASL": (["mri", "asl"], []),
 }
-SIDE_VARIANT, FLAIR_VARIANT = "T1 + side (age, sex, dx)", "T1 + FLAIR"
+SIDE_VARIANT, FLAIR_VARIANT, ASL_VARIANT = "T1 + side (age, sex, dx)", "T1 + FLAIR", "T1 + ASL"
 PAIRED_ROWS = [  # (variant, result key, what changed): the same weights scored on changed held-out inputs
     (SIDE_VARIANT, "default_side_bpv", "every covariate at its default"),
     (FLAIR_VARIANT, "lesion_free_bpv", "each FLAIR without its lesions"),
+    (ASL_VARIANT, "metabolism_free_bpv", "each ASL without the metabolic information"),
 ]
+# Held-out contrasts made again without what they add: result key -> (CSV column and DemoSubject
+# field, folder, ``make_demo_subject`` keywords; every draw of the recipe is the same).
+CHANGED_CONTRASTS = {
+    "lesion_free_bpv": ("t2", "lesion-free", {"flair_lesions": False}),
+    "metabolism_free_bpv": ("asl", "metabolism-free", {"asl_metabolism": False}),
+}
 # Regions on each subject's grid: the hypometabolism core and grey matter away from it.
 CORE, OUTSIDE, GREY = 0.5, 0.05, 0.5
 
@@ -52,10 +60,11 @@ def heldout_rows(data_csv: Path) -> list[dict]:
         return [r for r in csv.DictReader(f) if r["split"] == "test"]
 
 
-def write_test_csv(data_csv: Path, name: str = "test.csv", t2: dict[str, str] | None = None) -> Path:
-    """The split=test rows of ``data_csv`` as their own manifest ``name`` beside it, with the FLAIR
-    paths ``t2`` (subject: path relative to the CSV) where given."""
-    rows = [{**r, "t2": (t2 or {}).get(r["subject"], r["t2"])} for r in heldout_rows(data_csv)]
+def write_test_csv(data_csv: Path, name: str = "test.csv", column: str = "t2",
+                   paths: dict[str, str] | None = None) -> Path:
+    """The split=test rows of ``data_csv`` as their own manifest ``name`` beside it, with ``column``
+    replaced by ``paths`` (subject: path relative to the CSV) where given."""
+    rows = [{**r, column: (paths or {}).get(r["subject"], r[column])} for r in heldout_rows(data_csv)]
     path = data_csv.with_name(name)
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
@@ -64,33 +73,52 @@ def write_test_csv(data_csv: Path, name: str = "test.csv", t2: dict[str, str] | 
     return path
 
 
-def write_lesion_free_flair(data_csv: Path, data_seed: int, spacing: float) -> tuple[Path, float]:
-    """Each held-out subject's FLAIR made again by the recipe without its lesions (the PET keeps
-    them; ``make_demo_subject(flair_lesions=False)``) beside ``data_csv``, and a test manifest that
-    uses them; also the fraction of held-out brain voxels where the lesions lower PET uptake by 3 %
-    or more (``lesion_uptake_loss``: with the smallest drops the recipe draws)."""
+def _subject(row: dict, data_seed: int, spacing: float, **changes):
+    """The recipe's ``DemoSubject`` of a manifest row, made again with ``make_demo_subject`` ``changes``."""
+    from medflow.demo_data import make_demo_subject
+
+    return make_demo_subject(int(row["subject"].split("-")[1]) - 1, seed=data_seed, spacing=spacing, **changes)
+
+
+def write_changed_contrasts(data_csv: Path, data_seed: int, spacing: float) -> dict[str, Path]:
+    """For each ``CHANGED_CONTRASTS`` entry, each held-out subject's contrast made again by the recipe
+    with the change (the PET keeps what was taken out, every other draw is the same) in a folder
+    beside ``data_csv``, and a test manifest that uses them; returns {result key: manifest}."""
     import nibabel as nib
 
-    from medflow.demo_data import lesion_uptake_loss, make_demo_subject
+    manifests = {}
+    for key, (column, folder_name, changes) in CHANGED_CONTRASTS.items():
+        folder = data_csv.parent / folder_name
+        folder.mkdir()
+        paths = {}
+        for row in heldout_rows(data_csv):
+            original = nib.load(data_csv.parent / row[column])
+            name = Path(row[column]).name
+            changed = getattr(_subject(row, data_seed, spacing, **changes), column)
+            nib.save(nib.Nifti1Image(changed, original.affine, original.header), folder / name)
+            paths[row["subject"]] = f"{folder_name}/{name}"
+        manifests[key] = write_test_csv(data_csv, f"test-{folder_name}.csv", column, paths)
+    return manifests
 
-    folder = data_csv.parent / "lesion-free"
-    folder.mkdir()
-    paths, fractions = {}, []
+
+def heldout_lesion_fraction(data_csv: Path, data_seed: int, spacing: float) -> float:
+    """Fraction of held-out brain voxels where the lesions lower PET uptake by 3 % or more
+    (``lesion_uptake_loss``: with the smallest drops the recipe draws)."""
+    from medflow.demo_data import lesion_uptake_loss
+
+    fractions = []
     for row in heldout_rows(data_csv):
-        subject = make_demo_subject(int(row["subject"].split("-")[1]) - 1, seed=data_seed, spacing=spacing,
-                                    flair_lesions=False)
-        original = nib.load(data_csv.parent / row["t2"])
-        nib.save(nib.Nifti1Image(subject.t2, original.affine, original.header), folder / f"{row['subject']}_t2.nii.gz")
-        paths[row["subject"]] = f"{folder.name}/{row['subject']}_t2.nii.gz"
+        subject = _subject(row, data_seed, spacing)
         fractions.append(float(np.mean(lesion_uptake_loss(subject.lesions, spacing)[subject.mask > 0] >= 0.03)))
-    return write_test_csv(data_csv, "test-lesion-free.csv", paths), float(np.mean(fractions))
+    return float(np.mean(fractions))
 
 
-def train_variant(data_csv: Path, test_csv: Path, lesion_free_csv: Path, out: Path, variant: str, seed: int,
+def train_variant(data_csv: Path, test_csv: Path, changed: dict[str, Path], out: Path, variant: str, seed: int,
                   args) -> dict:
     """Train one variant; returns steps, seconds and held-out PET bits per voxel of the final weights
-    (NaN, with the reason, for a run that stopped on non-finite losses), and for the side and FLAIR
-    variants the same weights' score with default covariates or with FLAIRs without lesions."""
+    (NaN, with the reason, for a run that stopped on non-finite losses), and for the side, FLAIR and
+    ASL variants the same weights' score with default covariates or with the ``changed`` contrasts
+    (``write_changed_contrasts``)."""
     from medflow.errors import TrainingError
     from medflow.manifest import read_manifest
     from medflow.train import Trainer, TrainOptions
@@ -109,9 +137,10 @@ def train_variant(data_csv: Path, test_csv: Path, lesion_free_csv: Path, out: Pa
         if side_columns:
             default = trainer.side_spec.encode({}, "default side information").tolist()
             result["default_side_bpv"] = heldout_bpv(trainer, [{**item, "side": default} for item in trainer.val_cache])
-        if "t2" in mri_columns:
-            subjects = read_manifest(lesion_free_csv, mri_columns)
-            result["lesion_free_bpv"] = heldout_bpv(trainer, trainer.load_cache(subjects, str(lesion_free_csv)))
+        for key, (column, _, _) in CHANGED_CONTRASTS.items():
+            if column in mri_columns:
+                subjects = read_manifest(changed[key], mri_columns)
+                result[key] = heldout_bpv(trainer, trainer.load_cache(subjects, str(changed[key])))
     except TrainingError as exc:
         console.print(f"  [red]{exc}[/red]")
         result.update(heldout_pet_bpv=float("nan"), failure=str(exc))
@@ -217,7 +246,10 @@ subjects' brain voxels (`demo_data.lesion_uptake_loss`, with the smallest drops 
 there the PET follows what only the FLAIR shows. The ASL perfusion map follows the PET's grey-matter
 uptake (flow-metabolism coupling), so it shows the hypometabolism, which the T1's atrophy only partly
 shows, and the metabolic variation, which no other MRI shows, at low resolution and SNR (data/README.md):
-a second contrast that carries more of the PET than the FLAIR does.{failures}
+a second contrast that carries more of the PET than the FLAIR does. The row "each ASL without the
+metabolic information" evaluates the ASL model's final weights with each held-out ASL made again from
+a uniform grey-matter uptake (no hypometabolism, no metabolic variation; lesions and every draw the
+same): the gap is how much of its score comes from what the ASL shows of the PET's metabolism.{failures}
 
 {md_table(["variant", "held-out PET bit/voxel per seed", "mean", "vs T1", "train s"], rows)}
 
@@ -280,13 +312,13 @@ def main(argv: list[str] | None = None) -> None:
         data_csv = make_demo_dataset(work / "data", args.subjects, seed=args.data_seed, spacing=args.data_spacing,
                                      heldout=args.heldout)
         test_csv = write_test_csv(data_csv)
-        lesion_free_csv, lesion_fraction = write_lesion_free_flair(data_csv, args.data_seed, args.data_spacing)
+        changed = write_changed_contrasts(data_csv, args.data_seed, args.data_spacing)
+        lesion_fraction = heldout_lesion_fraction(data_csv, args.data_seed, args.data_spacing)
         runs = []
         for seed in args.seeds:
             for variant in VARIANTS:
                 console.print(f"training {variant}, seed {seed}")
-                runs.append(train_variant(data_csv, test_csv, lesion_free_csv, work / f"run-{len(runs)}", variant, seed,
-                                          args))
+                runs.append(train_variant(data_csv, test_csv, changed, work / f"run-{len(runs)}", variant, seed, args))
                 console.print(f"  held-out PET {runs[-1]['heldout_pet_bpv']:.4f} bit/voxel")
         side_run = work / f"run-{list(VARIANTS).index(SIDE_VARIANT)}"
         (work / "synth").mkdir()

@@ -345,12 +345,15 @@ def _asl(rng, tpl, gm, wm, gm_uptake, lesions, inside) -> np.ndarray:
 
 
 def make_demo_subject(index: int, *, seed: int = 0, spacing: float = 2.0, dx: str | None = None,
-                      flair_lesions: bool = True) -> DemoSubject:
+                      flair_lesions: bool = True, asl_metabolism: bool = True) -> DemoSubject:
     """Simulate subject ``index`` (named ``sub-{index+1:03d}``) of the demo cohort for ``seed``.
 
     ``dx`` forces the diagnosis (CN, MCI or AD) instead of drawing it; all other draws are unchanged.
     ``flair_lesions=False`` leaves the lesions out of the FLAIR only (the PET and ``lesions`` keep
     them, every draw is unchanged): the same subject's FLAIR without the information it adds.
+    ``asl_metabolism=False`` makes the ASL from a uniform grey-matter uptake (no hypometabolism, no
+    metabolic variation; every draw unchanged): the same subject's ASL without what it shows of the
+    PET beyond the tissue maps and the lesions.
     """
     if dx is not None and dx not in DIAGNOSES:
         raise ValueError(f"dx must be one of {', '.join(DIAGNOSES)}, not {dx!r}")
@@ -376,7 +379,7 @@ def make_demo_subject(index: int, *, seed: int = 0, spacing: float = 2.0, dx: st
     t1 = _t1(rng, tpl, gm, wm, csf, detail, inside)
     t2 = _flair(rng, tpl, gm, wm, csf, lesions if flair_lesions else np.zeros_like(lesions), inside)
     pet, gm_uptake = _pet(rng, tpl, gm, wm, csf, hypometabolism, drop, lesions, inside)
-    asl = _asl(rng, tpl, gm, wm, gm_uptake, lesions, inside)
+    asl = _asl(rng, tpl, gm, wm, gm_uptake if asl_metabolism else np.ones_like(gm_uptake), lesions, inside)
     return DemoSubject(f"sub-{index + 1:03d}", age, sex, diagnosis, drop, t1, t2, asl, pet,
                        inside.astype(np.uint8), gm, wm, csf, lesions, hypometabolism)
 

@@ -14,7 +14,8 @@ def test_study_writes_every_variant_and_the_dx_contrast(tmp_path):
     for variant in VARIANTS:
         row = next(line for line in text.splitlines() if line.startswith(f"| {variant} |"))
         assert math.isfinite(float(row.split("|")[3]))
-    for changed in ("every covariate at its default |", "each FLAIR without its lesions |"):
+    for changed in ("every covariate at its default |", "each FLAIR without its lesions |",
+                    "each ASL without the metabolic information |"):
         paired = next(line for line in text.splitlines() if changed in line)
         assert math.isfinite(float(paired.split("|")[3])) and math.isfinite(float(paired.split("|")[4]))
     fraction = float(re.search(r"by 3 % or more in (\S+) % of the held-out", text).group(1))

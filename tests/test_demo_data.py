@@ -132,6 +132,16 @@ def test_flair_without_lesions_changes_the_flair_only():
     assert np.array_equal(clean.t2[unaffected], subject.t2[unaffected])
 
 
+def test_asl_without_metabolism_changes_the_asl_only():
+    subject = make_demo_subject(0, seed=5, spacing=4.0, dx="AD")
+    flat = make_demo_subject(0, seed=5, spacing=4.0, dx="AD", asl_metabolism=False)
+    for name in ("t1", "t2", "pet", "lesions", "mask"):
+        assert np.array_equal(getattr(subject, name), getattr(flat, name)), name
+    cortex, region = subject.gm > 0.5, subject.hypometabolism > 0.5
+    assert (flat.asl[cortex & region].mean() / flat.asl[cortex & ~region].mean()
+            > subject.asl[cortex & region].mean() / subject.asl[cortex & ~region].mean() + 0.05)
+
+
 def test_deterministic_per_seed():
     first = make_demo_subject(2, seed=4, spacing=SPACING)
     again = make_demo_subject(2, seed=4, spacing=SPACING)
