@@ -4,9 +4,10 @@ Each subject is the template anatomy (GM, WM, CSF probabilities and brain mask s
 nilearn) under a random smooth deformation and global affine, aged and, for MCI/AD, atrophied;
 from these tissue maps a scanner-like T1, a FLAIR with white-matter lesions, an FDG-PET with
 an Alzheimer-type temporo-parietal hypometabolism, and an ASL perfusion (CBF) map that follows
-the PET's tissue uptake (flow-metabolism coupling) at low resolution and SNR are simulated. The recipe is described step by
-step in data/README.md. Everything is deterministic for a seed: subject ``i`` draws from
-``numpy.random.default_rng([seed, i])``, so it is the same whatever the number of subjects.
+the PET's tissue uptake (flow-metabolism coupling) at low resolution and SNR are simulated. The
+recipe is described step by step in data/README.md. Everything is deterministic for a seed:
+subject ``i`` draws from ``numpy.random.default_rng([seed, i])``, so it is the same whatever the
+number of subjects.
 """
 
 from __future__ import annotations
