@@ -41,7 +41,7 @@ OUTPUT_FOLDERS = ("synth", "std", "qc", "baseline")
 DATA_SPACING = 2.0  # mm
 
 
-def demo_data(opts: DemoOptions) -> Path:
+def prepare_demo_data(opts: DemoOptions) -> Path:
     """The demo cohort in ``out/data``; returns its manifest. A folder holding another demo's data
     (other parameters or recipe) is an OutputError unless ``opts.overwrite``: then that data, the run
     trained on it and the outputs made from it are replaced."""
@@ -73,7 +73,7 @@ def run_demo(opts: DemoOptions, console, progress_factory) -> dict:
     from medflow.trained import load_trained
 
     out = Path(opts.out)
-    data_csv = demo_data(opts)
+    data_csv = prepare_demo_data(opts)
     console.print(f"demo data: {data_csv}")
     subjects = read_csv_manifest(data_csv, ["mri"])
     train_rows = [s for s in subjects if s.split != "test"]

@@ -309,6 +309,13 @@ def _resolution_sigma(fwhm: float, spacing: float) -> float:
     return np.sqrt(max(fwhm**2 - spacing**2, 0.0)) / FWHM_PER_SIGMA / spacing
 
 
+def _correlated_noise(rng: np.random.Generator, shape: tuple[int, ...], sigma: float) -> np.ndarray:
+    """White Gaussian noise smoothed with a Gaussian of ``sigma`` voxels, scaled to unit std (float32)."""
+    noise = ndimage.gaussian_filter(rng.standard_normal(shape, dtype=np.float32), sigma)
+    noise /= max(float(noise.std()), 1e-6)
+    return noise
+
+
 def _pet(rng, tpl, gm, wm, csf, hypometabolism, drop, lesions, inside) -> tuple[np.ndarray, np.ndarray]:
     """FDG-PET in SUV-like units: tissue uptake, hypometabolism, lesion effect, scanner blur and noise.
     Also returns the grey-matter uptake it was built from (relative, healthy mean 1; before the lesions)."""
@@ -321,8 +328,7 @@ def _pet(rng, tpl, gm, wm, csf, hypometabolism, drop, lesions, inside) -> tuple[
     lower_uptake_at_lesions(uptake, lesions, spacing, rng.uniform(*LESION_LOCAL_DROP), rng.uniform(*LESION_REMOTE_DROP))
     uptake = ndimage.gaussian_filter(uptake, _resolution_sigma(rng.uniform(6.0, 8.0), spacing))
     uptake *= np.float32(rng.uniform(1.0, 1.5) / uptake[inside].mean())
-    noise = ndimage.gaussian_filter(rng.standard_normal(tpl.shape, dtype=np.float32), 2.5 / spacing)
-    noise /= max(float(noise.std()), 1e-6)
+    noise = _correlated_noise(rng, tpl.shape, 2.5 / spacing)
     uptake *= 1.0 + np.float32(rng.uniform(0.03, 0.06)) * noise
     uptake += np.float32(0.01) * rng.standard_normal(tpl.shape, dtype=np.float32)
     return np.round(np.clip(uptake, 0.0, None) * 4096.0) / np.float32(4096.0), gm_uptake
@@ -340,8 +346,8 @@ def _asl(rng, tpl, gm, wm, gm_uptake, lesions, inside) -> np.ndarray:
     cbf *= _bias_field(rng, tpl.shape, spacing, inside)
     sigma = _resolution_sigma(rng.uniform(*ASL_FWHM), spacing)
     cbf = ndimage.gaussian_filter(cbf, sigma)
-    noise = ndimage.gaussian_filter(rng.standard_normal(tpl.shape, dtype=np.float32), sigma)
-    cbf += np.float32(rng.uniform(*ASL_NOISE) * gm_cbf / max(float(noise.std()), 1e-6)) * noise
+    noise = _correlated_noise(rng, tpl.shape, sigma)
+    cbf += np.float32(rng.uniform(*ASL_NOISE) * gm_cbf) * noise
     return np.round(np.clip(cbf, 0.0, None) * 10.0) / np.float32(10.0)
 
 

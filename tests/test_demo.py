@@ -9,7 +9,7 @@ import pytest
 from typer.testing import CliRunner
 
 from medflow.cli import app
-from medflow.demo import DATA_SPACING, DemoOptions, demo_data
+from medflow.demo import DATA_SPACING, DemoOptions, prepare_demo_data
 from medflow.demo_data import dataset_parameters
 from medflow.errors import OutputError
 
@@ -27,18 +27,18 @@ def older_demo(out, subjects=2, heldout=1):
 
 def test_another_demo_is_refused_and_left_as_it_was(tmp_path):
     older_demo(tmp_path)
-    before = sorted(p for p in tmp_path.rglob("*"))
+    before = sorted(tmp_path.rglob("*"))
     with pytest.raises(OutputError, match="other parameters"):
-        demo_data(DemoOptions(tmp_path, subjects=2, heldout=1))
-    assert sorted(p for p in tmp_path.rglob("*")) == before
+        prepare_demo_data(DemoOptions(tmp_path, subjects=2, heldout=1))
+    assert sorted(tmp_path.rglob("*")) == before
     result = CliRunner().invoke(app, ["demo", "--out", str(tmp_path), "--subjects", "2", "--heldout", "1"])
     assert result.exit_code == 4 and "--overwrite" in result.output and "Traceback" not in result.output
-    assert sorted(p for p in tmp_path.rglob("*")) == before
+    assert sorted(tmp_path.rglob("*")) == before
 
 
 def test_overwrite_replaces_the_data_and_what_was_made_from_it(tmp_path):
     older_demo(tmp_path)
-    csv_path = demo_data(DemoOptions(tmp_path, subjects=2, heldout=1, overwrite=True))
+    csv_path = prepare_demo_data(DemoOptions(tmp_path, subjects=2, heldout=1, overwrite=True))
     assert csv_path == tmp_path / "data" / "manifest.csv" and csv_path.exists()
     assert (tmp_path / "data" / "sub-001_asl.nii.gz").exists()
     assert (tmp_path / "data" / "sub-001_t1.nii.gz").read_bytes() != b"old"
@@ -47,8 +47,8 @@ def test_overwrite_replaces_the_data_and_what_was_made_from_it(tmp_path):
 
 def test_same_data_keeps_the_run(tmp_path):
     opts = DemoOptions(tmp_path, subjects=2, heldout=1, overwrite=True)
-    demo_data(opts)
+    prepare_demo_data(opts)
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "final.pt").write_bytes(b"trained")
-    demo_data(opts)
+    prepare_demo_data(opts)
     assert (tmp_path / "run" / "final.pt").read_bytes() == b"trained"
