@@ -316,21 +316,30 @@ def _correlated_noise(rng: np.random.Generator, shape: tuple[int, ...], sigma: f
     return noise
 
 
-def _pet(rng, tpl, gm, wm, csf, hypometabolism, drop, lesions, inside) -> tuple[np.ndarray, np.ndarray]:
+def _pet(rng, tpl, gm, wm, csf, hypometabolism, drop, lesions, inside, metabolic_variation: bool = True,
+         noise: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """FDG-PET in SUV-like units: tissue uptake, hypometabolism, lesion effect, scanner blur and noise.
-    Also returns the grey-matter uptake it was built from (relative, healthy mean 1; before the lesions)."""
+    Also returns the grey-matter uptake it was built from (relative, healthy mean 1; before the lesions).
+    ``metabolic_variation=False`` leaves out the smooth 4-8 % variation of grey-matter uptake and
+    ``noise=False`` the scanner noise; either way every draw is made, so nothing else changes."""
     spacing = float(tpl.affine[0, 0])
     gm_uptake = (1.0 - np.float32(drop) * hypometabolism)
-    gm_uptake *= 1.0 + np.float32(rng.uniform(0.04, 0.08)) * _smooth_field(rng, tpl.shape, spacing, 25.0)
+    amplitude = np.float32(rng.uniform(0.04, 0.08))
+    variation = _smooth_field(rng, tpl.shape, spacing, 25.0)
+    if metabolic_variation:
+        gm_uptake *= 1.0 + amplitude * variation
     wm_uptake = 1.0 / rng.uniform(2.5, 3.0)
     csf_uptake = wm_uptake / rng.uniform(3.0, 4.0)
     uptake = gm * gm_uptake + np.float32(wm_uptake) * wm + np.float32(csf_uptake) * csf
     lower_uptake_at_lesions(uptake, lesions, spacing, rng.uniform(*LESION_LOCAL_DROP), rng.uniform(*LESION_REMOTE_DROP))
     uptake = ndimage.gaussian_filter(uptake, _resolution_sigma(rng.uniform(6.0, 8.0), spacing))
     uptake *= np.float32(rng.uniform(1.0, 1.5) / uptake[inside].mean())
-    noise = _correlated_noise(rng, tpl.shape, 2.5 / spacing)
-    uptake *= 1.0 + np.float32(rng.uniform(0.03, 0.06)) * noise
-    uptake += np.float32(0.01) * rng.standard_normal(tpl.shape, dtype=np.float32)
+    correlated = _correlated_noise(rng, tpl.shape, 2.5 / spacing)
+    relative = np.float32(rng.uniform(0.03, 0.06))
+    white = np.float32(0.01) * rng.standard_normal(tpl.shape, dtype=np.float32)
+    if noise:
+        uptake *= 1.0 + relative * correlated
+        uptake += white
     return np.round(np.clip(uptake, 0.0, None) * 4096.0) / np.float32(4096.0), gm_uptake
 
 
@@ -352,7 +361,8 @@ def _asl(rng, tpl, gm, wm, gm_uptake, lesions, inside) -> np.ndarray:
 
 
 def make_demo_subject(index: int, *, seed: int = 0, spacing: float = 2.0, dx: str | None = None,
-                      flair_lesions: bool = True, asl_metabolism: bool = True) -> DemoSubject:
+                      flair_lesions: bool = True, asl_metabolism: bool = True, metabolic_variation: bool = True,
+                      pet_noise: bool = True) -> DemoSubject:
     """Simulate subject ``index`` (named ``sub-{index+1:03d}``) of the demo cohort for ``seed``.
 
     ``dx`` forces the diagnosis (CN, MCI or AD) instead of drawing it; all other draws are unchanged.
@@ -360,7 +370,9 @@ def make_demo_subject(index: int, *, seed: int = 0, spacing: float = 2.0, dx: st
     them, every draw is unchanged): the same subject's FLAIR without the information it adds.
     ``asl_metabolism=False`` makes the ASL from a uniform grey-matter uptake (no hypometabolism, no
     metabolic variation; every draw unchanged): the same subject's ASL without what it shows of the
-    PET beyond the tissue maps and the lesions.
+    PET beyond the tissue maps and the lesions. ``metabolic_variation=False`` leaves the smooth
+    variation of grey-matter uptake out of the PET and the ASL, ``pet_noise=False`` the scanner noise
+    out of the PET (every draw unchanged): together they give the part of a PET that only the ASL shows.
     """
     if dx is not None and dx not in DIAGNOSES:
         raise ValueError(f"dx must be one of {', '.join(DIAGNOSES)}, not {dx!r}")
@@ -385,7 +397,7 @@ def make_demo_subject(index: int, *, seed: int = 0, spacing: float = 2.0, dx: st
 
     t1 = _t1(rng, tpl, gm, wm, csf, detail, inside)
     t2 = _flair(rng, tpl, gm, wm, csf, lesions if flair_lesions else np.zeros_like(lesions), inside)
-    pet, gm_uptake = _pet(rng, tpl, gm, wm, csf, hypometabolism, drop, lesions, inside)
+    pet, gm_uptake = _pet(rng, tpl, gm, wm, csf, hypometabolism, drop, lesions, inside, metabolic_variation, pet_noise)
     asl = _asl(rng, tpl, gm, wm, gm_uptake if asl_metabolism else np.ones_like(gm_uptake), lesions, inside)
     return DemoSubject(f"sub-{index + 1:03d}", age, sex, diagnosis, drop, t1, t2, asl, pet,
                        inside.astype(np.uint8), gm, wm, csf, lesions, hypometabolism)

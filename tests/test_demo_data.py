@@ -142,6 +142,20 @@ def test_asl_without_metabolism_changes_the_asl_only():
             > subject.asl[cortex & region].mean() / subject.asl[cortex & ~region].mean() + 0.05)
 
 
+def test_pet_without_metabolic_variation_or_noise_changes_nothing_else():
+    subject = make_demo_subject(0, seed=5, spacing=4.0)
+    quiet = make_demo_subject(0, seed=5, spacing=4.0, pet_noise=False)
+    flat = make_demo_subject(0, seed=5, spacing=4.0, pet_noise=False, metabolic_variation=False)
+    for name in ("t1", "t2", "lesions", "mask"):
+        assert np.array_equal(getattr(subject, name), getattr(flat, name)), name
+    assert np.array_equal(subject.asl, quiet.asl) and not np.array_equal(subject.asl, flat.asl)
+    brain = subject.mask > 0
+    noise = (subject.pet - quiet.pet)[brain] / subject.pet[brain].mean()
+    assert 0.02 < noise.std() < 0.07 and abs(noise.mean()) < 0.005  # 3-6 % of the uptake, plus 0.01
+    variation = (quiet.pet - flat.pet)[brain & (subject.gm > 0.5)] / quiet.pet[brain & (subject.gm > 0.5)]
+    assert 0.01 < variation.std() < 0.08  # 4-8 % of grey-matter uptake, blurred
+
+
 def test_deterministic_per_seed():
     first = make_demo_subject(2, seed=4, spacing=SPACING)
     again = make_demo_subject(2, seed=4, spacing=SPACING)
