@@ -1,7 +1,8 @@
 """Does side information and a second MRI contrast help? ``python -m medflow.conditioning_study``.
 
 On demo data, the same preset is trained for the same number of steps and seeds with
-(a) T1 only, (b) T1 + side information (age, sex, dx), (c) T1 + FLAIR, (d) T1 + ASL, and each run's conditional
+(a) T1 only, (b) T1 given twice (the two-contrast variants' control), (c) T1 + side information
+(age, sex, dx), (d) T1 + FLAIR, (e) T1 + ASL, and each run's conditional
 PET bits per voxel is measured on the held-out (split=test) subjects with its final weights; the
 side model is scored again with default covariates, the FLAIR model with each held-out FLAIR
 made without its lesions and the ASL model with each held-out ASL made without the metabolic
@@ -26,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from rich.console import Console
+from scipy import ndimage
 
 from medflow.bench import header_markdown, machine_info, md_table, show, training_progress, versions
 from medflow.measure import usable_cores
@@ -34,11 +36,13 @@ console = Console()
 
 VARIANTS = {  # name: (MRI columns, side columns)
     "T1": (["mri"], []),
+    "T1 twice": (["mri", "mri"], []),  # the two-contrast variants' control: same weights and data order per seed
     "T1 + side (age, sex, dx)": (["mri"], ["age", "sex", "dx"]),
     "T1 + FLAIR": (["mri", "t2"], []),
     "T1 + ASL": (["mri", "asl"], []),
 }
 SIDE_VARIANT, FLAIR_VARIANT, ASL_VARIANT = "T1 + side (age, sex, dx)", "T1 + FLAIR", "T1 + ASL"
+CONTROL_VARIANT = "T1 twice"
 PAIRED_ROWS = [  # (variant, result key, what changed): the same weights scored on changed held-out inputs
     (SIDE_VARIANT, "default_side_bpv", "every covariate at its default"),
     (FLAIR_VARIANT, "lesion_free_bpv", "each FLAIR without its lesions"),
@@ -171,6 +175,40 @@ def side_information_bits() -> float:
     return math.log2(ages * 2 * len(DIAGNOSES))
 
 
+def gaussian_channel_bits(signals: list[np.ndarray], noises: list[np.ndarray], masks: list[np.ndarray]) -> float:
+    """Gaussian-channel estimate of the information, in bits per volume, that signal + noise carries
+    about the signal: voxels x the mean over frequencies of 0.5 log2(1 + S(f) / N(f)), with S and N the
+    signals' and noises' periodograms (volumes of one shape) averaged over the volumes and over 3x3x3
+    neighbouring frequencies, N scaled to the noise's mean square inside ``masks`` (where the signal
+    is). Exact for stationary Gaussian signal and noise; of all signals with that spectrum, a Gaussian
+    one carries the most through Gaussian noise."""
+    def spectrum(volumes):
+        power = np.mean([np.abs(np.fft.fftn(v)) ** 2 for v in volumes], axis=0) / volumes[0].size
+        return ndimage.uniform_filter(power, 3, mode="wrap")
+
+    inside = np.mean([np.mean(n[m] ** 2) for n, m in zip(noises, masks)]) / np.mean([np.mean(n**2) for n in noises])
+    return float(np.sum(0.5 * np.log2(1.0 + spectrum(signals) / (inside * spectrum(noises)))))
+
+
+def metabolic_variation_bits(data_csv: Path, data_seed: int, spacing: float) -> float:
+    """Estimated bits per held-out subject that the recipe's metabolic variation (the smooth 4-8 %
+    variation of grey-matter uptake, which the ASL shows and no other input does) adds to a PET:
+    ``gaussian_channel_bits`` of the noiseless PET with minus without it, against the PET's scanner
+    noise, in units of the PET's global mean, at the data's voxel size (a model at a coarser one can
+    use no more). A model given the ASL can beat T1 alone by about this much, plus the few bits of
+    the hypometabolism's strength that the T1's atrophy does not show."""
+    signals, noises, masks = [], [], []
+    for row in heldout_rows(data_csv):
+        subject = _subject(row, data_seed, spacing)
+        quiet = _subject(row, data_seed, spacing, pet_noise=False).pet
+        flat = _subject(row, data_seed, spacing, pet_noise=False, metabolic_variation=False).pet
+        level = subject.pet[subject.mask > 0].mean()
+        signals.append((quiet - flat) / level)
+        noises.append((subject.pet - quiet) / level)
+        masks.append(subject.mask > 0)
+    return gaussian_channel_bits(signals, noises, masks) / len(signals)
+
+
 def dx_contrast(run: Path, data_csv: Path, work: Path, data_seed: int, spacing: float, device: str) -> list[dict]:
     """Per held-out subject: mean CN - AD synthesis difference (PET units) in the hypometabolism
     core and in the other grey matter, both at temperature 0 with the subject's own age and sex."""
@@ -203,20 +241,27 @@ def dx_contrast(run: Path, data_csv: Path, work: Path, data_seed: int, spacing: 
 
 
 def study_markdown(command: str, started: datetime, runs: list[dict], contrast: list[dict], lesion_fraction: float,
-                   args) -> str:
+                   asl_bits: float, args) -> str:
     from medflow.demo_data import RECIPE_VERSION
 
     by_variant = {v: [r for r in runs if r["variant"] == v] for v in VARIANTS}
-    base = {r["seed"]: r["heldout_pet_bpv"] for r in by_variant["T1"]}
-    rows = [[v, ", ".join(f"{r['heldout_pet_bpv']:.4f}" for r in rs),
-             f"{np.mean([r['heldout_pet_bpv'] for r in rs]):.4f}",
-             "" if v == "T1" else f"{np.mean([r['heldout_pet_bpv'] - base[r['seed']] for r in rs]):+.4f}",
-             f"{np.mean([r['seconds'] for r in rs]):.0f}"] for v, rs in by_variant.items()]
+    t1_alone, control = ({r["seed"]: r["heldout_pet_bpv"] for r in by_variant[v]} for v in ("T1", CONTROL_VARIANT))
+
+    def against(rs, key, baseline):
+        return f"{np.mean([r[key] - baseline[r['seed']] for r in rs]):+.4f}"
+
+    def row(variant, label, rs, key):
+        two_contrasts = len(VARIANTS[variant][0]) == 2 and variant != CONTROL_VARIANT
+        return [label, ", ".join(f"{r[key]:.4f}" for r in rs), f"{np.mean([r[key] for r in rs]):.4f}",
+                "" if variant == "T1" else against(rs, key, t1_alone),
+                against(rs, key, control) if two_contrasts else ""]
+
+    rows = [row(v, v, rs, "heldout_pet_bpv") + [f"{np.mean([r['seconds'] for r in rs]):.0f}"]
+            for v, rs in by_variant.items()]
     for variant, key, label in reversed(PAIRED_ROWS):
         paired = [r for r in by_variant[variant] if key in r]
-        rows.insert(list(VARIANTS).index(variant) + 1, [
-            f"{variant}, same weights, {label}", ", ".join(f"{r[key]:.4f}" for r in paired),
-            f"{np.mean([r[key] for r in paired]):.4f}", f"{np.mean([r[key] - base[r['seed']] for r in paired]):+.4f}", ""])
+        rows.insert(list(VARIANTS).index(variant) + 1, row(variant, f"{variant}, same weights, {label}", paired, key)
+                    + [""])
     contrast_rows = [[c["subject"], c["dx"], f"{c['core']:.4f}", f"{100 * c['core_relative']:.1f}",
                       f"{c['rest']:.4f}", f"{100 * c['rest_relative']:.1f}"] for c in contrast]
     failures = "".join(f"\n\nRun {r['variant']}, seed {r['seed']} failed: {r['failure']}"
@@ -235,23 +280,28 @@ Demo data (recipe version {RECIPE_VERSION}): {args.subjects} subjects (the last 
 {args.data_spacing:g} mm, data seed {args.data_seed}. Each variant trains preset `{args.preset}` for {args.steps} steps of batch {args.batch_size} with seeds
 {', '.join(map(str, args.seeds))}; the held-out conditional PET bits per voxel (lower is better)
 come from each run's final weights on the held-out subjects, which no run trains or selects on.
-The difference column is paired by seed against T1 alone. The row "every covariate at its default"
-evaluates the side-information model's final weights with each held-out subject's age, sex and dx
-replaced by the defaults: the gap to its own row is how much of its score comes from the covariates.
-Likewise the row "each FLAIR without its lesions" evaluates the FLAIR model's final weights with each
-held-out FLAIR made again by the recipe without its white-matter lesions (the PET keeps them, every
-other draw is the same): the gap is how much of its score comes from what the FLAIR shows and the
-T1 does not. The lesions lower PET uptake by 3 % or more in {100 * lesion_fraction:.1f} % of the held-out
-subjects' brain voxels (`demo_data.lesion_uptake_loss`, with the smallest drops the recipe draws):
-there the PET follows what only the FLAIR shows. The ASL perfusion map follows the PET's grey-matter
-uptake (flow-metabolism coupling), so it shows the hypometabolism, which the T1's atrophy only partly
-shows, and the metabolic variation, which no other MRI shows, at low resolution and SNR (data/README.md):
-a second contrast that carries more of the PET than the FLAIR does. The row "each ASL without the
-metabolic information" evaluates the ASL model's final weights with each held-out ASL made again from
-a uniform grey-matter uptake (no hypometabolism, no metabolic variation; lesions and every draw the
-same): the gap is how much of its score comes from what the ASL shows of the PET's metabolism.{failures}
+The difference columns are paired by seed. "T1 twice" gives the T1 in both input channels: the
+architecture of the two-contrast variants, and with the same seed their initial weights and data
+order, without a second contrast's information; so "vs T1 twice" compares T1 + FLAIR and T1 + ASL
+with that twin, and much of the training noise between separately trained runs cancels.
+The row "every covariate at its default" evaluates the side-information model's final weights with
+each held-out subject's age, sex and dx replaced by the defaults: the gap to its own row is how much
+of its score comes from the covariates. Likewise the row "each FLAIR without its lesions" evaluates
+the FLAIR model's final weights with each held-out FLAIR made again by the recipe without its
+white-matter lesions (the PET keeps them, every other draw is the same): the gap is how much of its
+score comes from what the FLAIR shows and the T1 does not. The lesions lower PET uptake by 3 % or
+more in {100 * lesion_fraction:.1f} % of the held-out subjects' brain voxels
+(`demo_data.lesion_uptake_loss`, with the smallest drops the recipe draws): there the PET follows
+what only the FLAIR shows. The ASL perfusion map follows the PET's grey-matter uptake
+(flow-metabolism coupling), so it shows the hypometabolism, which the T1's atrophy only partly
+shows, and the metabolic variation, which no other MRI shows, at low resolution and SNR
+(data/README.md): a second contrast that carries more of the PET than the FLAIR does. The row "each
+ASL without the metabolic information" evaluates the ASL model's final weights with each held-out
+ASL made again from a uniform grey-matter uptake (no hypometabolism, no metabolic variation; lesions
+and every draw the same): the gap is how much of its score comes from what the ASL shows of the
+PET's metabolism.{failures}
 
-{md_table(["variant", "held-out PET bit/voxel per seed", "mean", "vs T1", "train s"], rows)}
+{md_table(["variant", "held-out PET bit/voxel per seed", "mean", "vs T1", "vs T1 twice", "train s"], rows)}
 
 How large a gain side information can bring: for exact models, conditioning on (age, sex, dx)
 lowers the expected held-out code length by the conditional mutual information
@@ -262,6 +312,14 @@ Separately trained runs therefore cannot resolve that gain at this number of see
 can gain more, where the covariates make up for what a model has not learned from the MRI (the
 hypometabolism that the T1's atrophy only partly shows); the paired row (same weights, covariates
 at their defaults) measures that without training noise between its two numbers.
+
+How large a gain the ASL can bring: what it shows of the PET and no other input does is the
+recipe's metabolic variation (the smooth 4-8 % variation of grey-matter uptake), worth about
+{asl_bits:.0f} bits per held-out subject, {asl_bits / voxels:.4f} bit/voxel of a model grid
+(`metabolic_variation_bits`: a Gaussian-channel estimate from each held-out PET made again by the
+recipe without scanner noise, with and without the variation, against its scanner noise, at the
+data's voxel size). The strength of the hypometabolism, which the T1's atrophy shows only in part,
+adds a few bits per subject. So T1 + ASL can beat its control by about that much and no more.
 
 Diagnosis control: the side-information model (seed {args.seeds[0]}) synthesizes each held-out
 subject at temperature 0 with dx=CN and with dx=AD, age and sex its own. CN - AD in PET units and
@@ -314,6 +372,7 @@ def main(argv: list[str] | None = None) -> None:
         test_csv = write_test_csv(data_csv)
         changed = write_changed_contrasts(data_csv, args.data_seed, args.data_spacing)
         lesion_fraction = heldout_lesion_fraction(data_csv, args.data_seed, args.data_spacing)
+        asl_bits = metabolic_variation_bits(data_csv, args.data_seed, args.data_spacing)
         runs = []
         for seed in args.seeds:
             for variant in VARIANTS:
@@ -325,7 +384,7 @@ def main(argv: list[str] | None = None) -> None:
         contrast = dx_contrast(side_run, data_csv, work / "synth", args.data_seed, args.data_spacing, args.device)
     show("held-out PET bit/voxel", ["variant", "seed", "bit/voxel"],
          [[r["variant"], str(r["seed"]), f"{r['heldout_pet_bpv']:.4f}"] for r in runs])
-    args.out.write_text(study_markdown(command, started, runs, contrast, lesion_fraction, args))
+    args.out.write_text(study_markdown(command, started, runs, contrast, lesion_fraction, asl_bits, args))
     console.print(f"wrote {args.out}")
 
 
