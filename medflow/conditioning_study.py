@@ -206,7 +206,7 @@ def metabolic_variation_bits(data_csv: Path, data_seed: int, spacing: float) -> 
         signals.append((quiet - flat) / level)
         noises.append((subject.pet - quiet) / level)
         masks.append(subject.mask > 0)
-    return gaussian_channel_bits(signals, noises, masks) / len(signals)
+    return gaussian_channel_bits(signals, noises, masks)
 
 
 def dx_contrast(run: Path, data_csv: Path, work: Path, data_seed: int, spacing: float, device: str) -> list[dict]:
