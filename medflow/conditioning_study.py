@@ -36,7 +36,7 @@ console = Console()
 
 VARIANTS = {  # name: (MRI columns, side columns)
     "T1": (["mri"], []),
-    "T1 twice": (["mri", "mri"], []),  # the two-contrast variants' control: same weights and data order per seed
+    "T1 twice": (["mri", "mri"], []),  # control of the two-contrast variants: their initial weights and data order
     "T1 + side (age, sex, dx)": (["mri"], ["age", "sex", "dx"]),
     "T1 + FLAIR": (["mri", "t2"], []),
     "T1 + ASL": (["mri", "asl"], []),
@@ -283,7 +283,7 @@ come from each run's final weights on the held-out subjects, which no run trains
 The difference columns are paired by seed. "T1 twice" gives the T1 in both input channels: the
 architecture of the two-contrast variants, and with the same seed their initial weights and data
 order, without a second contrast's information; so "vs T1 twice" compares T1 + FLAIR and T1 + ASL
-with that twin, and much of the training noise between separately trained runs cancels.
+with that twin, and part of the training noise between separately trained runs cancels.
 The row "every covariate at its default" evaluates the side-information model's final weights with
 each held-out subject's age, sex and dx replaced by the defaults: the gap to its own row is how much
 of its score comes from the covariates. Likewise the row "each FLAIR without its lesions" evaluates
