@@ -356,19 +356,24 @@ def demo_data(
     heldout: int = typer.Option(8, min=0, help="The last N subjects get split=test in the manifest."),
     spacing: float = typer.Option(2.0, min=0.5, max=16.0, help="Voxel size of the written volumes in mm."),
     seed: int = typer.Option(0, help="Seed of the recipe."),
+    metabolic_variation: float = typer.Option(
+        1.0, min=0.0, help="Multiple of the recipe's 4-8 % grey-matter uptake variation, which only the PET "
+        "and the ASL show (0: none, at most 5; 4 makes the ASL worth several times more to a model)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a different existing demo dataset."),
 ):
     """Generate realistic paired T1/FLAIR/ASL/FDG-PET demo volumes from the MNI ICBM152 template (offline).
 
     Example: medflow demo-data demo/data --subjects 32 --heldout 8
     """
-    from medflow.demo_data import make_demo_dataset
+    from medflow.demo_data import MAX_METABOLIC_VARIATION, make_demo_dataset
 
     def body():
         if heldout >= subjects:
             raise InputError(f"--heldout {heldout} must be smaller than --subjects {subjects}")
+        if metabolic_variation > MAX_METABOLIC_VARIATION:
+            raise InputError(f"--metabolic-variation {metabolic_variation:g} must be at most {MAX_METABOLIC_VARIATION:g}")
         csv_path = make_demo_dataset(out_dir, subjects, seed=seed, spacing=spacing, heldout=heldout,
-                                     overwrite=overwrite)
+                                     metabolic_variation=metabolic_variation, overwrite=overwrite)
         out.print(f"demo data: {csv_path}")
 
     guarded(body)

@@ -77,14 +77,25 @@ def write_test_csv(data_csv: Path, name: str = "test.csv", column: str = "t2",
     return path
 
 
-def _subject(row: dict, data_seed: int, spacing: float, **changes):
-    """The recipe's ``DemoSubject`` of a manifest row, made again with ``make_demo_subject`` ``changes``."""
+def recipe(data_csv: Path) -> dict:
+    """The ``make_demo_subject`` keywords (seed, spacing, metabolic_variation) of the demo dataset
+    ``data_csv``, from its ``demo.json``."""
+    from medflow.demo_data import recorded_parameters
+
+    params = recorded_parameters(data_csv.parent)
+    return {"seed": params["seed"], "spacing": params["spacing"],
+            "metabolic_variation": params.get("metabolic_variation", 1.0)}
+
+
+def _subject(name: str, data_csv: Path, **changes):
+    """The ``DemoSubject`` ``name`` of the demo dataset ``data_csv`` made again by the recipe,
+    with ``make_demo_subject`` ``changes``."""
     from medflow.demo_data import make_demo_subject
 
-    return make_demo_subject(int(row["subject"].split("-")[1]) - 1, seed=data_seed, spacing=spacing, **changes)
+    return make_demo_subject(int(name.split("-")[1]) - 1, **{**recipe(data_csv), **changes})
 
 
-def write_changed_contrasts(data_csv: Path, data_seed: int, spacing: float) -> dict[str, Path]:
+def write_changed_contrasts(data_csv: Path) -> dict[str, Path]:
     """For each ``CHANGED_CONTRASTS`` entry, each held-out subject's contrast made again by the recipe
     with the change (the PET keeps what was taken out, every other draw is the same) in a folder
     beside ``data_csv``, and a test manifest that uses them; returns {result key: manifest}."""
@@ -98,22 +109,23 @@ def write_changed_contrasts(data_csv: Path, data_seed: int, spacing: float) -> d
         for row in heldout_rows(data_csv):
             original = nib.load(data_csv.parent / row[column])
             name = Path(row[column]).name
-            changed = getattr(_subject(row, data_seed, spacing, **changes), column)
+            changed = getattr(_subject(row["subject"], data_csv, **changes), column)
             nib.save(nib.Nifti1Image(changed, original.affine, original.header), folder / name)
             paths[row["subject"]] = f"{folder_name}/{name}"
         manifests[key] = write_test_csv(data_csv, f"test-{folder_name}.csv", column, paths)
     return manifests
 
 
-def heldout_lesion_fraction(data_csv: Path, data_seed: int, spacing: float) -> float:
+def heldout_lesion_fraction(data_csv: Path) -> float:
     """Fraction of held-out brain voxels where the lesions lower PET uptake by 3 % or more
     (``lesion_uptake_loss``: with the smallest drops the recipe draws)."""
     from medflow.demo_data import lesion_uptake_loss
 
     fractions = []
     for row in heldout_rows(data_csv):
-        subject = _subject(row, data_seed, spacing)
-        fractions.append(float(np.mean(lesion_uptake_loss(subject.lesions, spacing)[subject.mask > 0] >= 0.03)))
+        subject = _subject(row["subject"], data_csv)
+        loss = lesion_uptake_loss(subject.lesions, recipe(data_csv)["spacing"])
+        fractions.append(float(np.mean(loss[subject.mask > 0] >= 0.03)))
     return float(np.mean(fractions))
 
 
@@ -190,18 +202,19 @@ def gaussian_channel_bits(signals: list[np.ndarray], noises: list[np.ndarray], m
     return float(np.sum(0.5 * np.log2(1.0 + spectrum(signals) / (inside * spectrum(noises)))))
 
 
-def metabolic_variation_bits(data_csv: Path, data_seed: int, spacing: float) -> float:
-    """Estimated bits per held-out subject that the recipe's metabolic variation (the smooth 4-8 %
-    variation of grey-matter uptake, which the ASL shows and no other input does) adds to a PET:
+def metabolic_variation_bits(data_csv: Path) -> float:
+    """Estimated bits per held-out subject that the recipe's metabolic variation (the smooth variation
+    of grey-matter uptake, 4-8 % times the dataset's multiple, which the ASL shows and no other input
+    does) adds to a PET:
     ``gaussian_channel_bits`` of the noiseless PET with minus without it, against the PET's scanner
     noise, in units of the PET's global mean, at the data's voxel size (a model at a coarser one can
     use no more). A model given the ASL can beat T1 alone by about this much, plus the few bits of
     the hypometabolism's strength that the T1's atrophy does not show."""
     signals, noises, masks = [], [], []
     for row in heldout_rows(data_csv):
-        subject = _subject(row, data_seed, spacing)
-        quiet = _subject(row, data_seed, spacing, pet_noise=False).pet
-        flat = _subject(row, data_seed, spacing, pet_noise=False, metabolic_variation=False).pet
+        subject = _subject(row["subject"], data_csv)
+        quiet = _subject(row["subject"], data_csv, pet_noise=False).pet
+        flat = _subject(row["subject"], data_csv, pet_noise=False, metabolic_variation=0.0).pet
         level = subject.pet[subject.mask > 0].mean()
         signals.append((quiet - flat) / level)
         noises.append((subject.pet - quiet) / level)
@@ -209,10 +222,9 @@ def metabolic_variation_bits(data_csv: Path, data_seed: int, spacing: float) -> 
     return gaussian_channel_bits(signals, noises, masks)
 
 
-def dx_contrast(run: Path, data_csv: Path, work: Path, data_seed: int, spacing: float, device: str) -> list[dict]:
+def dx_contrast(run: Path, data_csv: Path, work: Path, device: str) -> list[dict]:
     """Per held-out subject: mean CN - AD synthesis difference (PET units) in the hypometabolism
     core and in the other grey matter, both at temperature 0 with the subject's own age and sex."""
-    from medflow.demo_data import make_demo_subject
     from medflow.device import resolve_device
     from medflow.imageio import read_volume
     from medflow.manifest import read_csv_manifest
@@ -223,7 +235,7 @@ def dx_contrast(run: Path, data_csv: Path, work: Path, data_seed: int, spacing: 
     tm = load_trained(run, dev)
     rows = []
     for s in [s for s in read_csv_manifest(data_csv, ["mri"]) if s.split == "test"]:
-        truth = make_demo_subject(int(s.subject.split("-")[1]) - 1, seed=data_seed, spacing=spacing)
+        truth = _subject(s.subject, data_csv)
         pet = {}
         for dx in ("CN", "AD"):
             path = work / f"{s.subject}_dx-{dx}.nii.gz"
@@ -242,7 +254,7 @@ def dx_contrast(run: Path, data_csv: Path, work: Path, data_seed: int, spacing: 
 
 def study_markdown(command: str, started: datetime, runs: list[dict], contrast: list[dict], lesion_fraction: float,
                    asl_bits: float, args) -> str:
-    from medflow.demo_data import RECIPE_VERSION
+    from medflow.demo_data import METABOLIC_VARIATION, RECIPE_VERSION
 
     by_variant = {v: [r for r in runs if r["variant"] == v] for v in VARIANTS}
     t1_alone, control = ({r["seed"]: r["heldout_pet_bpv"] for r in by_variant[v]} for v in ("T1", CONTROL_VARIANT))
@@ -271,13 +283,15 @@ def study_markdown(command: str, started: datetime, runs: list[dict], contrast: 
     bits = side_information_bits()
     voxels = np.mean([r["voxels"] for r in runs if "voxels" in r])
     t1 = [r["heldout_pet_bpv"] for r in by_variant["T1"]]
+    low, high = (100 * args.metabolic_variation * v for v in METABOLIC_VARIATION)
+    variation = f"{low:g}-{high:g} % ({args.metabolic_variation:g} times the recipe's)"
     spread = (f" The T1 runs' held-out scores span {max(t1) - min(t1):.4f} bit/voxel over the seeds, "
               f"{(max(t1) - min(t1)) * voxels / bits:.0f} times that bound." if len(t1) > 1 else "")
     header = header_markdown(command, machine_info(), versions(), started, "medflow conditioning study",
                              "the command", "Times in seconds.")
     return f"""{header}
 Demo data (recipe version {RECIPE_VERSION}): {args.subjects} subjects (the last {args.heldout} held out, split=test),
-{args.data_spacing:g} mm, data seed {args.data_seed}. Each variant trains preset `{args.preset}` for {args.steps} steps of batch {args.batch_size} with seeds
+{args.data_spacing:g} mm, data seed {args.data_seed}, metabolic variation {variation}. Each variant trains preset `{args.preset}` for {args.steps} steps of batch {args.batch_size} with seeds
 {', '.join(map(str, args.seeds))}; the held-out conditional PET bits per voxel (lower is better)
 come from each run's final weights on the held-out subjects, which no run trains or selects on.
 The difference columns are paired by seed. "T1 twice" gives the T1 in both input channels: the
@@ -314,7 +328,7 @@ hypometabolism that the T1's atrophy only partly shows); the paired row (same we
 at their defaults) measures that without training noise between its two numbers.
 
 How large a gain the ASL can bring: what it shows of the PET and no other input does is the
-recipe's metabolic variation (the smooth 4-8 % variation of grey-matter uptake), worth about
+recipe's metabolic variation (the smooth variation of grey-matter uptake, {variation}), worth about
 {asl_bits:.0f} bits per held-out subject, {asl_bits / voxels:.4f} bit/voxel of a model grid
 (`metabolic_variation_bits`: a Gaussian-channel estimate from each held-out PET made again by the
 recipe without scanner noise, with and without the variation, against its scanner noise, at the
@@ -351,6 +365,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--heldout", type=int, default=8)
     parser.add_argument("--data-seed", type=int, default=0)
     parser.add_argument("--data-spacing", type=float, default=2.0, help="voxel size of the demo data in mm")
+    parser.add_argument("--metabolic-variation", type=float, default=1.0,
+                        help="multiple of the recipe's grey-matter uptake variation that only the PET and ASL show")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     args = parser.parse_args(argv)
     args.seeds = [int(s) for s in args.seeds.split(",")]
@@ -368,11 +384,11 @@ def main(argv: list[str] | None = None) -> None:
         work = Path(tmp)
         console.print(f"generating demo data ({args.subjects} subjects, {args.heldout} held out)")
         data_csv = make_demo_dataset(work / "data", args.subjects, seed=args.data_seed, spacing=args.data_spacing,
-                                     heldout=args.heldout)
+                                     heldout=args.heldout, metabolic_variation=args.metabolic_variation)
         test_csv = write_test_csv(data_csv)
-        changed = write_changed_contrasts(data_csv, args.data_seed, args.data_spacing)
-        lesion_fraction = heldout_lesion_fraction(data_csv, args.data_seed, args.data_spacing)
-        asl_bits = metabolic_variation_bits(data_csv, args.data_seed, args.data_spacing)
+        changed = write_changed_contrasts(data_csv)
+        lesion_fraction = heldout_lesion_fraction(data_csv)
+        asl_bits = metabolic_variation_bits(data_csv)
         runs = []
         for seed in args.seeds:
             for variant in VARIANTS:
@@ -381,7 +397,7 @@ def main(argv: list[str] | None = None) -> None:
                 console.print(f"  held-out PET {runs[-1]['heldout_pet_bpv']:.4f} bit/voxel")
         side_run = work / f"run-{list(VARIANTS).index(SIDE_VARIANT)}"
         (work / "synth").mkdir()
-        contrast = dx_contrast(side_run, data_csv, work / "synth", args.data_seed, args.data_spacing, args.device)
+        contrast = dx_contrast(side_run, data_csv, work / "synth", args.device)
     show("held-out PET bit/voxel", ["variant", "seed", "bit/voxel"],
          [[r["variant"], str(r["seed"]), f"{r['heldout_pet_bpv']:.4f}"] for r in runs])
     args.out.write_text(study_markdown(command, started, runs, contrast, lesion_fraction, asl_bits, args))

@@ -56,6 +56,11 @@ METABOLIC_DROP = {"CN": (0.0, 0.03), "MCI": (0.05, 0.15), "AD": (0.15, 0.35)}
 # Disease atrophy (fraction of GM lost) per unit of metabolic drop, drawn per subject: FDG
 # hypometabolism precedes and exceeds atrophy in Alzheimer's disease, so the MRI shows it little.
 ATROPHY_PER_DROP = (0.05, 0.25)
+# Smooth variation of grey-matter uptake that no anatomy explains (regional metabolism): relative std
+# per subject, and the spacing in mm of the spline knots it is drawn on.
+METABOLIC_VARIATION = (0.04, 0.08)
+METABOLIC_VARIATION_MM = 25.0
+MAX_METABOLIC_VARIATION = 5.0  # largest multiple a dataset may ask for (up to 40 % std)
 # Fraction of uptake lost where a white-matter lesion's local / remote (disconnection) weight is 1.
 LESION_LOCAL_DROP = (0.3, 0.5)
 LESION_REMOTE_DROP = (0.15, 0.25)
@@ -316,18 +321,18 @@ def _correlated_noise(rng: np.random.Generator, shape: tuple[int, ...], sigma: f
     return noise
 
 
-def _pet(rng, tpl, gm, wm, csf, hypometabolism, drop, lesions, inside, metabolic_variation: bool = True,
+def _pet(rng, tpl, gm, wm, csf, hypometabolism, drop, lesions, inside, metabolic_variation: float = 1.0,
          noise: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """FDG-PET in SUV-like units: tissue uptake, hypometabolism, lesion effect, scanner blur and noise.
     Also returns the grey-matter uptake it was built from (relative, healthy mean 1; before the lesions).
-    ``metabolic_variation=False`` leaves out the smooth 4-8 % variation of grey-matter uptake and
-    ``noise=False`` the scanner noise; either way every draw is made, so nothing else changes."""
+    ``metabolic_variation`` scales the smooth 4-8 % variation of grey-matter uptake (0 leaves it out)
+    and ``noise=False`` leaves out the scanner noise; every draw is made, so nothing else changes."""
     spacing = float(tpl.affine[0, 0])
     gm_uptake = (1.0 - np.float32(drop) * hypometabolism)
-    amplitude = np.float32(rng.uniform(0.04, 0.08))
-    variation = _smooth_field(rng, tpl.shape, spacing, 25.0)
+    amplitude = np.float32(rng.uniform(*METABOLIC_VARIATION) * metabolic_variation)
+    variation = _smooth_field(rng, tpl.shape, spacing, METABOLIC_VARIATION_MM)
     if metabolic_variation:
-        gm_uptake *= 1.0 + amplitude * variation
+        gm_uptake *= np.maximum(1.0 + amplitude * variation, 0.0)
     wm_uptake = 1.0 / rng.uniform(2.5, 3.0)
     csf_uptake = wm_uptake / rng.uniform(3.0, 4.0)
     uptake = gm * gm_uptake + np.float32(wm_uptake) * wm + np.float32(csf_uptake) * csf
@@ -361,7 +366,7 @@ def _asl(rng, tpl, gm, wm, gm_uptake, lesions, inside) -> np.ndarray:
 
 
 def make_demo_subject(index: int, *, seed: int = 0, spacing: float = 2.0, dx: str | None = None,
-                      flair_lesions: bool = True, asl_metabolism: bool = True, metabolic_variation: bool = True,
+                      flair_lesions: bool = True, asl_metabolism: bool = True, metabolic_variation: float = 1.0,
                       pet_noise: bool = True) -> DemoSubject:
     """Simulate subject ``index`` (named ``sub-{index+1:03d}``) of the demo cohort for ``seed``.
 
@@ -370,9 +375,10 @@ def make_demo_subject(index: int, *, seed: int = 0, spacing: float = 2.0, dx: st
     them, every draw is unchanged): the same subject's FLAIR without the information it adds.
     ``asl_metabolism=False`` makes the ASL from a uniform grey-matter uptake (no hypometabolism, no
     metabolic variation; every draw unchanged): the same subject's ASL without what it shows of the
-    PET beyond the tissue maps and the lesions. ``metabolic_variation=False`` leaves the smooth
-    variation of grey-matter uptake out of the PET and the ASL, ``pet_noise=False`` the scanner noise
-    out of the PET (every draw unchanged): together they give the part of a PET that only the ASL shows.
+    PET beyond the tissue maps and the lesions. ``metabolic_variation`` multiplies the smooth
+    variation of grey-matter uptake that the PET and the ASL show (``METABOLIC_VARIATION``; 0 leaves
+    it out, 4 makes it 16-32 %), ``pet_noise=False`` leaves the scanner noise out of the PET (every
+    draw unchanged): together they give the part of a PET that only the ASL shows.
     """
     if dx is not None and dx not in DIAGNOSES:
         raise ValueError(f"dx must be one of {', '.join(DIAGNOSES)}, not {dx!r}")
@@ -432,10 +438,14 @@ def _read_params(out: Path) -> dict | None:
 
 
 def dataset_parameters(subjects: int, *, seed: int = 0, spacing: float = 2.0, heldout: int = 0,
-                       dx: Sequence[str] | None = None) -> dict:
-    """What ``demo.json`` records of the dataset ``make_demo_dataset`` makes with these arguments."""
-    return {"recipe": RECIPE_VERSION, "subjects": int(subjects), "seed": int(seed), "spacing": float(spacing),
-            "heldout": int(heldout), "dx": list(dx) if dx is not None else None}
+                       dx: Sequence[str] | None = None, metabolic_variation: float = 1.0) -> dict:
+    """What ``demo.json`` records of the dataset ``make_demo_dataset`` makes with these arguments
+    (``metabolic_variation`` only where it is not the recipe's 1, so older datasets still match)."""
+    params = {"recipe": RECIPE_VERSION, "subjects": int(subjects), "seed": int(seed), "spacing": float(spacing),
+              "heldout": int(heldout), "dx": list(dx) if dx is not None else None}
+    if metabolic_variation != 1.0:
+        params["metabolic_variation"] = float(metabolic_variation)
+    return params
 
 
 def recorded_parameters(out_dir: Path) -> dict | None:
@@ -463,7 +473,7 @@ def _remove_previous(out: Path, files: list[Path]) -> None:
 
 
 def make_demo_dataset(out_dir: Path, subjects: int, *, seed: int = 0, spacing: float = 2.0, heldout: int = 0,
-                      dx: Sequence[str] | None = None, overwrite: bool = False,
+                      dx: Sequence[str] | None = None, metabolic_variation: float = 1.0, overwrite: bool = False,
                       progress: Callable[[int, int], None] | None = None) -> Path:
     """Write a paired demo cohort to ``out_dir``; return the path of its ``manifest.csv``.
 
@@ -474,6 +484,8 @@ def make_demo_dataset(out_dir: Path, subjects: int, *, seed: int = 0, spacing: f
     ``manifest.csv`` has the columns subject, mri, pet, mask, t2, asl, age, sex, dx, split (paths relative to the CSV; the last ``heldout`` subjects have split=test).
 
     ``dx``: optional diagnosis per subject (CN, MCI, AD) instead of the drawn ones.
+    ``metabolic_variation``: multiple of the recipe's smooth grey-matter uptake variation, which the
+    PET and the ASL show and the T1 and FLAIR do not (``make_demo_subject``).
     A folder holding a complete dataset made with the same parameters (``demo.json``) is reused
     as is, an interrupted one is completed; a different dataset raises OutputError unless
     ``overwrite``: then the previous demo dataset's files are removed (files of that naming without
@@ -488,8 +500,11 @@ def make_demo_dataset(out_dir: Path, subjects: int, *, seed: int = 0, spacing: f
         raise ValueError("spacing must be between 0.5 and 16 mm")
     if dx is not None and (len(dx) != subjects or any(d not in DIAGNOSES for d in dx)):
         raise ValueError(f"dx must list one of {', '.join(DIAGNOSES)} per subject")
+    if not 0.0 <= metabolic_variation <= MAX_METABOLIC_VARIATION:
+        raise ValueError(f"metabolic_variation must be between 0 and {MAX_METABOLIC_VARIATION:g}")
     out = Path(out_dir)
-    params = dataset_parameters(subjects, seed=seed, spacing=spacing, heldout=heldout, dx=dx)
+    params = dataset_parameters(subjects, seed=seed, spacing=spacing, heldout=heldout, dx=dx,
+                                metabolic_variation=metabolic_variation)
     names = [f"sub-{i + 1:03d}" for i in range(subjects)]
     csv_path = out / MANIFEST_FILE
     wanted = [csv_path] + [p for name in names for p in _subject_files(out, name).values()]
@@ -515,7 +530,8 @@ def make_demo_dataset(out_dir: Path, subjects: int, *, seed: int = 0, spacing: f
         forced = dx[index] if dx is not None else None
         files = _subject_files(out, name)
         if not (same and all(p.exists() for p in files.values())):
-            subject = make_demo_subject(index, seed=seed, spacing=spacing, dx=forced)
+            subject = make_demo_subject(index, seed=seed, spacing=spacing, dx=forced,
+                                        metabolic_variation=metabolic_variation)
             affine = _template(float(spacing)).affine
             for modality, path in files.items():
                 write_bytes_atomic(path, _nifti_bytes(getattr(subject, modality), affine), overwrite=True)
