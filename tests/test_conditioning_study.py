@@ -10,7 +10,8 @@ import numpy as np
 import torch
 
 from medflow.conditioning_study import (ASL_VARIANT, CONTROL_VARIANT, FLAIR_VARIANT, VARIANTS, gaussian_channel_bits,
-                                       main)
+                                       main, metabolic_variation_bits)
+from medflow.demo_data import make_demo_dataset
 from medflow.train import Trainer, TrainOptions
 from tests.paired_data import write_paired_csv
 
@@ -18,9 +19,10 @@ from tests.paired_data import write_paired_csv
 def test_study_writes_every_variant_and_the_dx_contrast(tmp_path):
     out = tmp_path / "CONDITIONING.md"
     main(["--preset", "tiny", "--steps", "2", "--seeds", "0", "--subjects", "10", "--heldout", "2",
-          "--data-spacing", "4", "--device", "cpu", "--out", str(out)])
+          "--data-spacing", "4", "--metabolic-variation", "2", "--device", "cpu", "--out", str(out)])
     text = out.read_text()
     prose = " ".join(text.split())
+    assert "metabolic variation 8-16 % (2 times the recipe's)" in prose
     for variant in VARIANTS:
         row = next(line for line in text.splitlines() if line.startswith(f"| {variant} |"))
         assert math.isfinite(float(row.split("|")[3]))
@@ -74,3 +76,9 @@ def test_gaussian_channel_bits_of_white_noise():
     half[:12] = True
     quiet_inside = [np.where(half, 0.5, 1.0) * n for n in noises]
     assert gaussian_channel_bits(signals, quiet_inside, [half] * 6) > gaussian_channel_bits(signals, noises, everywhere)
+
+
+def test_a_stronger_metabolic_variation_is_worth_more_bits(tmp_path):
+    bits = [metabolic_variation_bits(make_demo_dataset(tmp_path / str(k), 2, seed=1, spacing=8.0, heldout=1,
+                                                       metabolic_variation=k)) for k in (0.0, 1.0, 3.0)]
+    assert bits[0] == 0.0 and bits[2] > 2 * bits[1] > 0.0

@@ -145,7 +145,7 @@ def test_asl_without_metabolism_changes_the_asl_only():
 def test_pet_without_metabolic_variation_or_noise_changes_nothing_else():
     subject = make_demo_subject(0, seed=5, spacing=4.0)
     quiet = make_demo_subject(0, seed=5, spacing=4.0, pet_noise=False)
-    flat = make_demo_subject(0, seed=5, spacing=4.0, pet_noise=False, metabolic_variation=False)
+    flat = make_demo_subject(0, seed=5, spacing=4.0, pet_noise=False, metabolic_variation=0.0)
     for name in ("t1", "t2", "lesions", "mask"):
         assert np.array_equal(getattr(subject, name), getattr(flat, name)), name
     assert np.array_equal(subject.asl, quiet.asl) and not np.array_equal(subject.asl, flat.asl)
@@ -154,6 +154,36 @@ def test_pet_without_metabolic_variation_or_noise_changes_nothing_else():
     assert 0.02 < noise.std() < 0.07 and abs(noise.mean()) < 0.005  # 3-6 % of the uptake, plus 0.01
     variation = (quiet.pet - flat.pet)[brain & (subject.gm > 0.5)] / quiet.pet[brain & (subject.gm > 0.5)]
     assert 0.01 < variation.std() < 0.08  # 4-8 % of grey-matter uptake, blurred
+
+
+def test_metabolic_variation_multiple_scales_only_the_variation():
+    def variation(k):
+        subject = make_demo_subject(0, seed=5, spacing=4.0, pet_noise=False, metabolic_variation=k)
+        return subject, subject.pet[cortex] / subject.pet[cortex].mean()
+
+    base = make_demo_subject(0, seed=5, spacing=4.0)
+    cortex = (base.mask > 0) & (base.gm > 0.5)
+    (flat, zero), (_, one), (strong, three) = variation(0.0), variation(1.0), variation(3.0)
+    assert (three - zero).std() == pytest.approx(3 * (one - zero).std(), rel=0.1)
+    assert np.corrcoef(three - zero, one - zero)[0, 1] > 0.98
+    for name in ("t1", "t2", "lesions", "mask"):
+        assert np.array_equal(getattr(strong, name), getattr(base, name)), name
+    assert not np.array_equal(strong.asl, base.asl) and np.array_equal(flat.asl, variation(0)[0].asl)
+
+
+def test_dataset_records_a_metabolic_variation_multiple(tmp_path):
+    make_demo_dataset(tmp_path / "recipe", 1, seed=3, spacing=SPACING)
+    assert "metabolic_variation" not in json.loads((tmp_path / "recipe" / "demo.json").read_text())["parameters"]
+    make_demo_dataset(tmp_path / "strong", 1, seed=3, spacing=SPACING, metabolic_variation=4.0)
+    assert json.loads((tmp_path / "strong" / "demo.json").read_text())["parameters"]["metabolic_variation"] == 4.0
+    def same(name):
+        return np.array_equal(*(load(tmp_path / folder / "x", name)[1] for folder in ("recipe", "strong")))
+
+    assert same("sub-001_t1.nii.gz") and same("sub-001_t2.nii.gz") and not same("sub-001_pet.nii.gz")
+    with pytest.raises(OutputError):
+        make_demo_dataset(tmp_path / "strong", 1, seed=3, spacing=SPACING)
+    with pytest.raises(ValueError, match="metabolic_variation"):
+        make_demo_dataset(tmp_path / "other", 1, seed=3, spacing=SPACING, metabolic_variation=6.0)
 
 
 def test_deterministic_per_seed():
@@ -191,3 +221,14 @@ def test_overwrite_replaces_and_interrupted_run_completes(tmp_path):
     assert (tmp_path / "sub-002_pet.nii.gz").exists()
     assert (tmp_path / "sub-001_pet.nii.gz").stat().st_mtime_ns == kept
     assert json.loads((tmp_path / "demo.json").read_text())["complete"]
+
+
+def test_cli_refuses_too_strong_a_metabolic_variation(tmp_path):
+    from typer.testing import CliRunner
+
+    from medflow.cli import app
+
+    result = CliRunner().invoke(app, ["demo-data", str(tmp_path / "data"), "--subjects", "2", "--heldout", "1",
+                                      "--metabolic-variation", "6"])
+    assert result.exit_code == 3 and "--metabolic-variation 6 must be at most 5" in result.output  # InputError
+    assert "Traceback" not in result.output and not (tmp_path / "data").exists()
