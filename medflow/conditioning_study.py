@@ -6,7 +6,7 @@ On demo data, the same preset is trained for the same number of steps and seeds 
 PET bits per voxel is measured on the held-out (split=test) subjects with its final weights; the
 side model is scored again with default covariates, the FLAIR model with each held-out FLAIR
 made without its lesions and the ASL model with each held-out ASL made without the metabolic
-information, so that the same weights show how much they use what was changed. Then
+information, so that the same weights show how much they rely on what was changed. Then
 the side-information model synthesizes every held-out subject twice at temperature 0, with dx=CN
 and with dx=AD (all else equal), and the difference CN - AD is compared inside the recipe's
 hypometabolism pattern against the rest of the grey matter. Writes CONDITIONING.md.
@@ -299,11 +299,11 @@ architecture of the two-contrast variants, and with the same seed their initial 
 order, without a second contrast's information; so "vs T1 twice" compares T1 + FLAIR and T1 + ASL
 with that twin, and part of the training noise between separately trained runs cancels.
 The row "every covariate at its default" evaluates the side-information model's final weights with
-each held-out subject's age, sex and dx replaced by the defaults: the gap to its own row is how much
-of its score comes from the covariates. Likewise the row "each FLAIR without its lesions" evaluates
+each held-out subject's age, sex and dx replaced by the defaults: the gap to its own row shows how
+much the model relies on the covariates. Likewise the row "each FLAIR without its lesions" evaluates
 the FLAIR model's final weights with each held-out FLAIR made again by the recipe without its
-white-matter lesions (the PET keeps them, every other draw is the same): the gap is how much of its
-score comes from what the FLAIR shows and the T1 does not. The lesions lower PET uptake by 3 % or
+white-matter lesions (the PET keeps them, every other draw is the same): the gap shows how much it
+relies on what the FLAIR shows and the T1 does not. The lesions lower PET uptake by 3 % or
 more in {100 * lesion_fraction:.1f} % of the held-out subjects' brain voxels
 (`demo_data.lesion_uptake_loss`, with the smallest drops the recipe draws): there the PET follows
 what only the FLAIR shows. The ASL perfusion map follows the PET's grey-matter uptake
@@ -312,8 +312,11 @@ shows, and the metabolic variation, which no other MRI shows, at low resolution 
 (data/README.md): a second contrast that carries more of the PET than the FLAIR does. The row "each
 ASL without the metabolic information" evaluates the ASL model's final weights with each held-out
 ASL made again from a uniform grey-matter uptake (no hypometabolism, no metabolic variation; lesions
-and every draw the same): the gap is how much of its score comes from what the ASL shows of the
-PET's metabolism.{failures}
+and every draw the same): the gap shows how much it relies on what the ASL shows of the PET's
+metabolism. These gaps are not the bits an input saves: given a misleading input a model pays more
+than a model trained without that input (for an exact model the expected gap is the information
+the input carries plus a divergence), so what an input gains is measured against T1 alone or the
+T1-twice control.{failures}
 
 {md_table(["variant", "held-out PET bit/voxel per seed", "mean", "vs T1", "vs T1 twice", "train s"], rows)}
 
@@ -325,7 +328,8 @@ that is at most {bits / voxels:.1e} bit/voxel over the {voxels:.0f} voxels of a 
 Separately trained runs therefore cannot resolve that gain at this number of seeds. Real models
 can gain more, where the covariates make up for what a model has not learned from the MRI (the
 hypometabolism that the T1's atrophy only partly shows); the paired row (same weights, covariates
-at their defaults) measures that without training noise between its two numbers.
+at their defaults) shows that the model relies on them, without training noise between its two
+numbers.
 
 How large a gain the ASL can bring: what it shows of the PET and no other input does is the
 recipe's metabolic variation (the smooth variation of grey-matter uptake, {variation}), worth about
