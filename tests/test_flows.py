@@ -1,10 +1,13 @@
 """Oracle tests of the invertible blocks: exact inverses and brute-force log-determinants."""
 
+import copy
+
 import pytest
 import torch
 from torch.autograd.functional import jacobian
 
 from medflow.errors import ModelError
+from medflow.flows.injector import per_channel_group_norm
 from medflow.flows import (
     ActNorm, AffineCoupling, ConditionalAffine, CovariateScale, FlowStep, Glow3d, GlowLevel, HaarDownsample3d,
     InvConv1x1x1, Squeeze3d,
@@ -254,6 +257,37 @@ def test_unet_injector_is_the_identity_at_init_then_inverts_with_its_jacobian_lo
     mu, log_s = injector.params(cond)
     assert mu.std() > 0 and log_s.std() > 0
     torch.testing.assert_close(injector.inverse(y.detach(), cond), x.detach(), rtol=0, atol=1e-10)
+
+
+def test_per_channel_group_norm_is_monais_instance_norm_unet_in_both_layouts():
+    """Oracle: MONAI's BasicUNet with its instance norms, float64, a batch of 2. The converted copy
+    has the same state-dict keys, loads the original's weights and gives the same output, also
+    with the input and weights channels-last (the CPU layout of ``device.place_model``)."""
+    from monai.networks.nets import BasicUNet
+
+    torch.manual_seed(0)
+    original = perturb(BasicUNet(3, 2, 2, features=(4, 4, 8, 8, 16, 4)).double(), scale=0.05)
+    converted = per_channel_group_norm(copy.deepcopy(original))
+    assert not any(isinstance(m, torch.nn.InstanceNorm3d) for m in converted.modules())
+    assert sum(isinstance(m, torch.nn.GroupNorm) for m in converted.modules()) == 18
+    assert converted.state_dict().keys() == original.state_dict().keys()
+    converted.load_state_dict(original.state_dict())
+    x = torch.randn(2, 2, 32, 32, 32, dtype=torch.float64)
+    expected = original(x)
+    torch.testing.assert_close(converted(x), expected, rtol=0, atol=1e-10)
+    channels_last = converted.to(memory_format=torch.channels_last_3d)
+    torch.testing.assert_close(channels_last(x.to(memory_format=torch.channels_last_3d)), expected, rtol=0, atol=1e-10)
+
+
+def test_unet_injector_normalises_with_group_norms():
+    net = ConditionalAffine(1, 1, 4, net="unet").net
+    assert not any(isinstance(m, torch.nn.InstanceNorm3d) for m in net.modules())
+    assert all(m.num_groups == m.num_channels for m in net.modules() if isinstance(m, torch.nn.GroupNorm))
+
+
+def test_per_channel_group_norm_refuses_running_statistics():
+    with pytest.raises(ModelError, match="running statistics"):
+        per_channel_group_norm(torch.nn.Sequential(torch.nn.InstanceNorm3d(4, track_running_stats=True)))
 
 
 def test_unet_injector_refuses_a_grid_below_its_minimum():

@@ -12,20 +12,39 @@ from medflow.flows.coupling import coupling_subnet, soft_clamp
 
 
 INJECTOR_NETS = ("conv", "unet")
-UNET_MIN_AXIS = 32  # BasicUNet pools 4 times and instance-normalises the coarsest grid
+UNET_MIN_AXIS = 32  # BasicUNet pools 4 times and normalises each channel of the coarsest grid
+
+
+def per_channel_group_norm(net: nn.Module) -> nn.Module:
+    """``net`` with every ``InstanceNorm3d`` replaced, in place, by a ``GroupNorm`` with one group per
+    channel: the same normalisation (per volume and channel), parameters and state-dict keys. PyTorch's
+    instance norm copies a channels-last input to contiguous and back (``device.place_model``
+    stores CPU models channels-last); its group norm keeps the layout."""
+    for name, child in net.named_children():
+        if isinstance(child, nn.InstanceNorm3d):
+            if child.track_running_stats:
+                raise ModelError(f"{name}: an instance norm with running statistics has no group-norm equivalent")
+            like = {"device": child.weight.device, "dtype": child.weight.dtype} if child.affine else {}
+            norm = nn.GroupNorm(child.num_features, child.num_features, eps=child.eps, affine=child.affine, **like)
+            norm.load_state_dict(child.state_dict())
+            setattr(net, name, norm)
+        else:
+            per_channel_group_norm(child)
+    return net
 
 
 def injector_subnet(kind: str, in_channels: int, hidden: int, out_channels: int) -> nn.Module:
     """The injector's net, last layer zero. ``conv``: the coupling subnet (3x3x3 -> 1x1x1 -> 3x3x3,
     5 voxels across its receptive field). ``unet``: MONAI's ``BasicUNet`` with features
     (h, h, 2h, 4h, 8h, h) for h = ``hidden``, four 2x poolings, so ``mu`` can follow regional
-    patterns across the volume; every axis needs at least ``UNET_MIN_AXIS`` voxels."""
+    patterns across the volume; every axis needs at least ``UNET_MIN_AXIS`` voxels. Its instance
+    norms run as ``per_channel_group_norm``."""
     if kind == "conv":
         return coupling_subnet(in_channels, hidden, out_channels)
     from monai.networks.nets import BasicUNet
 
     features = (hidden, hidden, 2 * hidden, 4 * hidden, 8 * hidden, hidden)
-    net = BasicUNet(3, in_channels, out_channels, features=features)
+    net = per_channel_group_norm(BasicUNet(3, in_channels, out_channels, features=features))
     nn.init.zeros_(net.final_conv.weight)
     nn.init.zeros_(net.final_conv.bias)
     return net
