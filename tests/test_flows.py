@@ -7,11 +7,11 @@ import torch
 from torch.autograd.functional import jacobian
 
 from medflow.errors import ModelError
-from medflow.flows.injector import per_channel_group_norm
 from medflow.flows import (
     ActNorm, AffineCoupling, ConditionalAffine, CovariateScale, FlowStep, Glow3d, GlowLevel, HaarDownsample3d,
     InvConv1x1x1, Squeeze3d,
 )
+from medflow.flows.injector import per_channel_group_norm
 from tests.old_invconv_layout import separate_factor_entries
 
 SHAPE = (1, 2, 4, 4, 4)
@@ -282,7 +282,8 @@ def test_per_channel_group_norm_is_monais_instance_norm_unet_in_both_layouts():
 def test_unet_injector_normalises_with_group_norms():
     net = ConditionalAffine(1, 1, 4, net="unet").net
     assert not any(isinstance(m, torch.nn.InstanceNorm3d) for m in net.modules())
-    assert all(m.num_groups == m.num_channels for m in net.modules() if isinstance(m, torch.nn.GroupNorm))
+    norms = [m for m in net.modules() if isinstance(m, torch.nn.GroupNorm)]
+    assert len(norms) == 18 and all(m.num_groups == m.num_channels for m in norms)
 
 
 def test_per_channel_group_norm_refuses_running_statistics():
