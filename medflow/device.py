@@ -14,8 +14,7 @@ from medflow.errors import ResourceError
 def place_model(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     """Move ``model`` to ``device``. On CPU its 5-D weights are also stored channels-last
     (NDHWC): oneDNN then runs medflow's 3-D convolutions in that layout, and their outputs
-    follow it (a ``small`` training step about 1.6x faster on 2 cores; see BENCHMARKS.md).
-    On CUDA the layout is left as it is. Values are unchanged either way."""
+    follow it. On CUDA the layout is left as it is. Values are unchanged either way."""
     model = model.to(device)
     return model.to(memory_format=torch.channels_last_3d) if device.type == "cpu" else model
 
