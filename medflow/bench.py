@@ -30,6 +30,7 @@ from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
 
+import numpy as np
 import torch
 from rich.console import Console
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
@@ -286,15 +287,17 @@ def coverage_zs(n: int) -> tuple[float, float]:
     return COVERAGE_Z, prediction_z(n)
 
 
-def level_matched(ref, mean):
-    """The reference rescaled to the synthesis's global mean (``preprocess.global_mean``): what a
-    model trained on global-mean-normalised PET predicts, the pattern without the subject's level."""
-    from medflow.preprocess import global_mean
+def level_matched(ref, pred, mask):
+    """The reference rescaled so that its mean inside the brain ``mask`` (bool, same shape) is the
+    prediction's: the uptake pattern without the subject's global level, which the MRI does not
+    show. Within the mask, because a prediction's background (a regression net's small
+    non-zero values outside the head) moves a whole-volume global mean but not the brain's level."""
+    ref, pred = np.asarray(ref, dtype=np.float64), np.asarray(pred, dtype=np.float64)
+    mask = np.asarray(mask, dtype=bool)
+    return ref * (pred[mask].mean() / ref[mask].mean())
 
-    return ref * (global_mean(torch.as_tensor(mean)) / global_mean(torch.as_tensor(ref)))
 
-
-CALIBRATION_TRUTHS = ("true PET", "true PET at the synthesis's global mean")
+CALIBRATION_TRUTHS = ("true PET", "true PET at the synthesis's brain mean")
 def medflow_variants(tm) -> dict[str, tuple[float, int]]:
     """name: (temperature, samples), at the temperature ``medflow synthesize`` uses by default
     (``TrainedModel.temperature``: calibrated on the validation subjects, else 0.5) and at 0.5;
@@ -311,7 +314,7 @@ def medflow_variants(tm) -> dict[str, tuple[float, int]]:
 
 def score_test_subjects(tm, net, subjects, folder: Path, device: torch.device) -> dict:
     """Per-method lists of metric dicts (PSNR dB, SSIM, NMSE, MAE in PET units) against the true PET
-    (``scores``) and against it rescaled to each prediction's global mean (``level_matched``: the
+    (``scores``) and against it rescaled to each prediction's brain mean (``level_matched``: the
     uptake pattern alone), and the coverage per temperature, over the test subjects, all on each
     subject's native grid inside its brain mask."""
     from medflow.imageio import read_mask, read_volume
@@ -324,7 +327,7 @@ def score_test_subjects(tm, net, subjects, folder: Path, device: torch.device) -
 
     def score(name, pred, ref, mask):
         """Score ``pred`` both ways; returns the level-matched reference."""
-        ref_at_level = level_matched(ref, pred)
+        ref_at_level = level_matched(ref, pred, mask)
         scores[name].append(compute_metrics(pred, ref, mask))
         matched[name].append(compute_metrics(pred, ref_at_level, mask))
         return ref_at_level
@@ -713,7 +716,7 @@ number of medflow steps: the seed sets both models' initialisation and batch ord
 subjects (so also its training subjects and calibrated temperature). medflow is its mean of
 {results[0]['samples']} samples at the calibrated temperature; "difference" is medflow minus the U-Net,
 its last row the mean ± SD over seeds; "level matched" scores against the truth rescaled to each
-prediction's own global mean, as in the second table of section 3.
+prediction's own mean inside the brain mask, as in the second table of section 3.
 
 {md_table(SEED_HEADERS, seed_rows(results))}
 """
@@ -759,7 +762,7 @@ and scored inside its brain mask by `medflow.metrics.compute_metrics`; mean ± S
 
 {md_table(QUALITY_HEADERS, quality_rows(result))}
 
-The same predictions scored against the truth rescaled to each prediction's own global mean
+The same predictions scored against the truth rescaled to each prediction's own mean inside the brain mask
 (`bench.level_matched`), which leaves the uptake pattern alone. Both models learn
 global-mean-normalised PET and write it at the training set's median global mean, while each
 subject's own level follows dose and uptake time, which the MRI does not show, so the table
@@ -774,7 +777,7 @@ mean ± z std of the {samples} samples, mean ± SD over the test subjects. "Idea
 calibrated Gaussian model scores (`calibration.ideal_coverage`): with mean and std estimated from {samples}
 samples in antithetic pairs, z = 1.645 reaches {100 * ideal_coverage(COVERAGE_Z, samples):.1f} %, not 90 %; z = {prediction_z(samples):.3f} is the
 finite-sample 90 % prediction interval (`calibration.prediction_z`). Truth is
-the test subject's PET as it is, and rescaled to the synthesis's global mean
+the test subject's PET as it is, and rescaled to the synthesis's mean inside the brain mask
 (`bench.level_matched`): `small` learns global-mean-normalised PET (`--pet-normalization`),
 so its samples share the training median level and their spread covers the uptake pattern,
 not the subject's own level, which the MRI does not show.

@@ -111,8 +111,11 @@ def test_quality_markdown_and_level_matching():
     assert "no validation subjects" in bench.calibration_text(None)
     truth = np.zeros((8, 8, 8))
     truth[2:6, 2:6, 2:6] = 3.0
-    matched = bench.level_matched(truth, 0.5 * truth)
-    assert np.allclose(matched, 0.5 * truth)
+    truth[3, 3, 3] = 6.0
+    brain = truth > 0
+    assert np.allclose(bench.level_matched(truth, 0.5 * truth, brain), 0.5 * truth)
+    haze = 0.5 * truth + 0.2 * ~brain  # a regression net's faint background outside the head
+    assert np.allclose(bench.level_matched(truth, haze, brain), 0.5 * truth)
 
 
 def test_seed_rows_compare_medflow_with_the_unet_per_seed_and_over_seeds():
