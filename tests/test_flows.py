@@ -11,7 +11,8 @@ from medflow.flows import (
     ActNorm, AffineCoupling, ConditionalAffine, CovariateScale, FlowStep, Glow3d, GlowLevel, HaarDownsample3d,
     InvConv1x1x1, Squeeze3d,
 )
-from medflow.flows.injector import per_channel_group_norm
+from medflow.flows.conv import Conv3d
+from medflow.flows.injector import onednn_convolutions, per_channel_group_norm
 from tests.old_invconv_layout import separate_factor_entries
 
 SHAPE = (1, 2, 4, 4, 4)
@@ -279,11 +280,43 @@ def test_per_channel_group_norm_is_monais_instance_norm_unet_in_both_layouts():
     torch.testing.assert_close(channels_last(x.to(memory_format=torch.channels_last_3d)), expected, rtol=0, atol=1e-10)
 
 
-def test_unet_injector_normalises_with_group_norms():
+def test_onednn_convolutions_are_monais_unet_with_its_gradients():
+    """Oracle: MONAI's BasicUNet with torch's convolutions, float32, batch 1, channels-last (the
+    case ``Conv3d`` takes to oneDNN): same state-dict keys, output and gradients to float32
+    rounding, and the coarse levels' convolutions do run on oneDNN."""
+    from monai.networks.nets import BasicUNet
+
+    torch.manual_seed(0)
+    original = perturb(BasicUNet(3, 1, 1, features=(4, 4, 8, 16, 32, 4)), scale=0.05)
+    original = original.to(memory_format=torch.channels_last_3d)
+    converted = onednn_convolutions(copy.deepcopy(original))
+    convs = [m for m in converted.modules() if isinstance(m, torch.nn.Conv3d)]
+    assert len(convs) == 19 and all(isinstance(m, Conv3d) for m in convs)
+    assert converted.state_dict().keys() == original.state_dict().keys()
+    on_onednn = []
+    for conv in convs:
+        conv.register_forward_pre_hook(lambda m, args: on_onednn.append(m._runs_on_onednn(args[0])))
+    x = torch.randn(1, 1, 32, 40, 32).to(memory_format=torch.channels_last_3d)
+    x_ours, x_ref = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y, y_ref = converted(x_ours), original(x_ref)
+    assert 0 < sum(on_onednn) < len(convs)
+    grad = torch.randn_like(y_ref)
+    y.backward(grad)
+    y_ref.backward(grad)
+    torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(x_ours.grad, x_ref.grad, rtol=1e-4, atol=1e-5)
+    scale = max(p.grad.abs().max() for p in original.parameters())  # biases before a norm get ~0
+    for (name, p), p_ref in zip(converted.named_parameters(), original.parameters()):
+        torch.testing.assert_close(p.grad, p_ref.grad, rtol=0, atol=1e-5 * scale, msg=name)
+
+
+def test_unet_injector_runs_group_norms_and_medflow_convolutions():
     net = ConditionalAffine(1, 1, 4, net="unet").net
     assert not any(isinstance(m, torch.nn.InstanceNorm3d) for m in net.modules())
     norms = [m for m in net.modules() if isinstance(m, torch.nn.GroupNorm)]
     assert len(norms) == 18 and all(m.num_groups == m.num_channels for m in norms)
+    convs = [m for m in net.modules() if isinstance(m, torch.nn.Conv3d)]
+    assert len(convs) == 19 and all(isinstance(m, Conv3d) for m in convs)
 
 
 def test_per_channel_group_norm_refuses_running_statistics():

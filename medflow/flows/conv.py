@@ -65,6 +65,15 @@ class Conv3d(nn.Conv3d):
                           and self.dilation == (1, 1, 1)
                           and all(k % 2 == 1 and p == k // 2 for k, p in zip(self.kernel_size, self.padding)))
 
+    @classmethod
+    def like(cls, conv: nn.Conv3d) -> "Conv3d":
+        """A ``Conv3d`` with ``conv``'s settings, device, dtype and weights."""
+        ours = cls(conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride, padding=conv.padding,
+                   dilation=conv.dilation, groups=conv.groups, bias=conv.bias is not None,
+                   padding_mode=conv.padding_mode, device=conv.weight.device, dtype=conv.weight.dtype)
+        ours.load_state_dict(conv.state_dict())
+        return ours
+
     def _runs_on_onednn(self, x: torch.Tensor) -> bool:
         return (self.same_size and not torch.compiler.is_compiling() and x.device.type == "cpu"
                 and x.shape[0] == 1 and x.dtype == torch.float32

@@ -8,6 +8,7 @@ from torch.utils.checkpoint import checkpoint
 
 from medflow.errors import ModelError
 from medflow.flows.base import InvertibleModule
+from medflow.flows.conv import Conv3d
 from medflow.flows.coupling import coupling_subnet, soft_clamp
 
 
@@ -15,36 +16,59 @@ INJECTOR_NETS = ("conv", "unet")
 UNET_MIN_AXIS = 32  # BasicUNet pools 4 times and normalises each channel of the coarsest grid
 
 
+def _replace_modules(net: nn.Module, kind: type, convert) -> nn.Module:
+    """``net`` with every submodule of exactly type ``kind`` replaced, in place, by
+    ``convert(name, module)``."""
+    for name, child in net.named_children():
+        if type(child) is kind:
+            setattr(net, name, convert(name, child))
+        else:
+            _replace_modules(child, kind, convert)
+    return net
+
+
+def _group_norm_like(name: str, norm: nn.InstanceNorm3d) -> nn.GroupNorm:
+    if norm.track_running_stats:
+        raise ModelError(f"{name}: an instance norm with running statistics has no group-norm equivalent")
+    like = {"device": norm.weight.device, "dtype": norm.weight.dtype} if norm.affine else {}
+    group_norm = nn.GroupNorm(norm.num_features, norm.num_features, eps=norm.eps, affine=norm.affine, **like)
+    group_norm.load_state_dict(norm.state_dict())
+    return group_norm
+
+
 def per_channel_group_norm(net: nn.Module) -> nn.Module:
     """``net`` with every ``InstanceNorm3d`` replaced, in place, by a ``GroupNorm`` with one group per
     channel: the same normalisation (per volume and channel), parameters and state-dict keys. PyTorch's
     instance norm copies a channels-last input to contiguous and back (``device.place_model``
     stores CPU models channels-last); its group norm keeps the layout."""
-    for name, child in net.named_children():
-        if isinstance(child, nn.InstanceNorm3d):
-            if child.track_running_stats:
-                raise ModelError(f"{name}: an instance norm with running statistics has no group-norm equivalent")
-            like = {"device": child.weight.device, "dtype": child.weight.dtype} if child.affine else {}
-            norm = nn.GroupNorm(child.num_features, child.num_features, eps=child.eps, affine=child.affine, **like)
-            norm.load_state_dict(child.state_dict())
-            setattr(net, name, norm)
-        else:
-            per_channel_group_norm(child)
-    return net
+    return _replace_modules(net, nn.InstanceNorm3d, _group_norm_like)
+
+
+def onednn_convolutions(net: nn.Module) -> nn.Module:
+    """``net`` with every ``torch.nn.Conv3d`` replaced, in place, by ``medflow.flows.conv.Conv3d``
+    (same weights and state-dict keys), whose batch-1 CPU convolutions stay on oneDNN where
+    PyTorch would use im2col: in a U-Net, the coarse levels."""
+    return _replace_modules(net, nn.Conv3d, lambda name, conv: Conv3d.like(conv))
+
+
+def unet_with_medflow_layers(net: nn.Module) -> nn.Module:
+    """A MONAI U-Net with the layers medflow runs it with (``per_channel_group_norm``,
+    ``onednn_convolutions``): the same function and parameters, in place."""
+    return onednn_convolutions(per_channel_group_norm(net))
 
 
 def injector_subnet(kind: str, in_channels: int, hidden: int, out_channels: int) -> nn.Module:
     """The injector's net, last layer zero. ``conv``: the coupling subnet (3x3x3 -> 1x1x1 -> 3x3x3,
     5 voxels across its receptive field). ``unet``: MONAI's ``BasicUNet`` with features
     (h, h, 2h, 4h, 8h, h) for h = ``hidden``, four 2x poolings, so ``mu`` can follow regional
-    patterns across the volume; every axis needs at least ``UNET_MIN_AXIS`` voxels. Its instance
-    norms run as ``per_channel_group_norm``."""
+    patterns across the volume; every axis needs at least ``UNET_MIN_AXIS`` voxels. It runs with
+    ``unet_with_medflow_layers``."""
     if kind == "conv":
         return coupling_subnet(in_channels, hidden, out_channels)
     from monai.networks.nets import BasicUNet
 
     features = (hidden, hidden, 2 * hidden, 4 * hidden, 8 * hidden, hidden)
-    net = per_channel_group_norm(BasicUNet(3, in_channels, out_channels, features=features))
+    net = unet_with_medflow_layers(BasicUNet(3, in_channels, out_channels, features=features))
     nn.init.zeros_(net.final_conv.weight)
     nn.init.zeros_(net.final_conv.bias)
     return net
