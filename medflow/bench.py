@@ -231,6 +231,8 @@ def training_progress() -> Progress:
 def train_unet(trainer, budget_s: float, progress: Progress):
     """MONAI BasicUNet, L1 loss from scaled MRI to scaled PET, on the flow's own training batches
     (``trainer.train_batch``: same cache, augmentation and batch size) for ``budget_s`` seconds.
+    It runs with the layers of medflow's U-Net injector (``unet_with_medflow_layers``), so that
+    the same network trains at the same speed in both models.
 
     The time becomes a number of steps once the ``UNET_TIMED_STEPS`` after the first
     ``UNET_WARMUP_STEPS`` are timed; the learning rate then decays by cosine to 10 % over those
@@ -239,11 +241,12 @@ def train_unet(trainer, budget_s: float, progress: Progress):
     from monai.networks.nets import BasicUNet
 
     from medflow.device import place_model
+    from medflow.flows.injector import unet_with_medflow_layers
     from medflow.train import lr_factor
 
     torch.manual_seed(trainer.opts.seed)
-    net = BasicUNet(spatial_dims=3, in_channels=len(trainer.settings["mri_columns"]), out_channels=1,
-                    features=(16, 16, 32, 64, 128, 16))
+    net = unet_with_medflow_layers(BasicUNet(spatial_dims=3, in_channels=len(trainer.settings["mri_columns"]),
+                                             out_channels=1, features=(16, 16, 32, 64, 128, 16)))
     net = place_model(net, trainer.device)
     optimizer = torch.optim.AdamW(net.parameters(), lr=1e-3)
     total = None  # steps, known once timed
@@ -749,7 +752,8 @@ Demo data from `medflow.demo_data.make_demo_dataset` (recipe version {RECIPE_VER
 {result['n_train']} training, {result['n_val']} validation and {result['n_test']} test subjects, on {result['device']}. medflow
 `small` (`medflow.train.Trainer`: {result['spacing'][0]:g} mm spacing of the preset, model grid
 {volume_text(result['grid'])}, batch {result['batch_size']}) and a MONAI `BasicUNet` (features 16, 16, 32,
-64, 128, 16; L1 loss from scaled MRI to scaled PET; AdamW, lr 1e-3) each trained for
+64, 128, 16, with the layers medflow's injector runs it with, `flows.injector.unet_with_medflow_layers`;
+L1 loss from scaled MRI to scaled PET; AdamW, lr 1e-3) each trained for
 {result['budget_s']:.0f} s of wall-clock time on the same batches (same preprocessing, augmentation
 and batch size; seed {result['seed']}): {result['flow_steps']} medflow steps (`--quality-steps`; the time is what they took,
 validations included), then {result['unet_steps']} U-Net steps (that time over the U-Net's own step time,
