@@ -228,16 +228,18 @@ def training_progress() -> Progress:
                     TimeElapsedColumn(), console=console)
 
 
-def train_unet(trainer, budget_s: float, progress: Progress):
+def train_unet(trainer, progress: Progress, budget_s: float | None = None, steps: int | None = None):
     """MONAI BasicUNet, L1 loss from scaled MRI to scaled PET, on the flow's own training batches
-    (``trainer.train_batch``: same cache, augmentation and batch size) for ``budget_s`` seconds.
-    It runs with the layers of medflow's U-Net injector (``unet_with_medflow_layers``), so that
-    the same network trains at the same speed in both models.
+    (``trainer.train_batch``: same cache, augmentation and batch size) for ``budget_s`` seconds or
+    for ``steps`` steps (one of the two). It runs with the layers of medflow's U-Net injector
+    (``unet_with_medflow_layers``), so that the same network trains at the same speed in both models.
 
-    The time becomes a number of steps once the ``UNET_TIMED_STEPS`` after the first
-    ``UNET_WARMUP_STEPS`` are timed; the learning rate then decays by cosine to 10 % over those
-    steps, as medflow's does over its own, so the result depends on the clock only through that number.
+    A time becomes a number of steps once the ``UNET_TIMED_STEPS`` after the first
+    ``UNET_WARMUP_STEPS`` are timed; the learning rate decays by cosine to 10 % over the steps,
+    as medflow's does over its own, so the result depends on the clock only through that number.
     """
+    if (budget_s is None) == (steps is None):
+        raise ValueError("train_unet needs exactly one of a time budget and a number of steps")
     from monai.networks.nets import BasicUNet
 
     from medflow.device import place_model
@@ -249,15 +251,15 @@ def train_unet(trainer, budget_s: float, progress: Progress):
                                              out_channels=1, features=(16, 16, 32, 64, 128, 16)))
     net = place_model(net, trainer.device)
     optimizer = torch.optim.AdamW(net.parameters(), lr=1e-3)
-    total = None  # steps, known once timed
+    total = steps  # with a time budget, known once timed
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, 0, s / max(1, total - 1) if total else None))
-    task = progress.add_task("U-Net", total=None, info="")
+    task = progress.add_task("U-Net", total=total, info="")
     start, step = time.monotonic(), 0
     while total is None or step < total:
         if step == UNET_WARMUP_STEPS:
             timed_from = time.monotonic()
-        if step == UNET_WARMUP_STEPS + UNET_TIMED_STEPS:
+        if total is None and step == UNET_WARMUP_STEPS + UNET_TIMED_STEPS:
             now = time.monotonic()
             total = step + max(0, int((budget_s - (now - start)) / ((now - timed_from) / UNET_TIMED_STEPS)))
             progress.update(task, total=total)
@@ -315,17 +317,17 @@ def medflow_variants(tm) -> dict[str, tuple[float, int]]:
     }
 
 
-def score_test_subjects(tm, net, subjects, folder: Path, device: torch.device) -> dict:
+def score_test_subjects(tm, unets: dict, subjects, folder: Path, device: torch.device) -> dict:
     """Per-method lists of metric dicts (PSNR dB, SSIM, NMSE, MAE in PET units) against the true PET
     (``scores``) and against it rescaled to each prediction's brain mean (``level_matched``: the
     uptake pattern alone), and the coverage per temperature, over the test subjects, all on each
-    subject's native grid inside its brain mask."""
+    subject's native grid inside its brain mask; ``unets``: name -> trained U-Net."""
     from medflow.imageio import read_mask, read_volume
     from medflow.metrics import compute_metrics
     from medflow.synthesize import SynthesisOptions, synthesize_file
 
     variants = medflow_variants(tm)
-    scores = {UNET: [], **{name: [] for name in variants}}
+    scores = {**{name: [] for name in unets}, **{name: [] for name in variants}}
     matched = {name: [] for name in scores}
 
     def score(name, pred, ref, mask):
@@ -340,8 +342,8 @@ def score_test_subjects(tm, net, subjects, folder: Path, device: torch.device) -
     for s in subjects:
         ref = read_volume(s.pet)
         mask = read_mask(s.mask, like=ref)
-        pred = unet_predict(net, tm, s.mri, device)
-        score(UNET, pred, ref.data, mask)
+        for name, net in unets.items():
+            score(name, unet_predict(net, tm, s.mri, device), ref.data, mask)
         for name, (temperature, samples) in variants.items():
             mean_path, std_path = folder / f"{s.subject}_mean.nii.gz", folder / f"{s.subject}_std.nii.gz"
             synthesize_file(tm, s.mri, mean_path, SynthesisOptions(temperature, samples, overwrite=True), device,
@@ -359,26 +361,27 @@ def score_test_subjects(tm, net, subjects, folder: Path, device: torch.device) -
 
 def quality_run(data_csv: Path, work: Path, steps: int, seed: int, device: torch.device) -> dict:
     """medflow ``small`` trained for ``steps`` steps, and the U-Net for the seconds that took
-    (``Trainer.clock``: the training loop, its validations included), both with ``seed`` (which
-    also picks the validation subjects and the batch order) -> test scores."""
+    (``Trainer.clock``: the training loop, its validations included) and for as many steps, all
+    with ``seed`` (which also picks the validation subjects and the batch order) -> test scores."""
     from medflow.manifest import read_manifest
     from medflow.train import Trainer, TrainOptions
     from medflow.trained import load_trained
 
     start = time.monotonic()
-    console.print(f"seed {seed}: {steps} medflow steps, then the U-Net for as long")
+    console.print(f"seed {seed}: {steps} medflow steps, then the U-Net for as long and for as many steps")
     trainer = Trainer(TrainOptions(data=data_csv, out=work / "run", preset="small", steps=steps,
                                    device=device.type, seed=seed), reporter=console.print)
     with training_progress() as progress:
         summary = trainer.run(progress)
     budget_s = trainer.clock
     with training_progress() as progress:
-        net, unet_steps = train_unet(trainer, budget_s, progress)
+        net, unet_steps = train_unet(trainer, progress, budget_s=budget_s)
+        same_steps, _ = train_unet(trainer, progress, steps=summary["step"])
     tm = load_trained(work / "run", device)
     test = [s for s in read_manifest(data_csv, ["mri"]) if s.split == "test"]
     (work / "synth").mkdir()
     console.print(f"scoring {len(test)} held-out subjects")
-    result = score_test_subjects(tm, net, test, work / "synth", device)
+    result = score_test_subjects(tm, {UNET: net, UNET_SAME_STEPS: same_steps}, test, work / "synth", device)
     result.update(seed=seed, budget_s=budget_s, flow_steps=summary["step"], unet_steps=unet_steps,
                   n_train=len(trainer.train_cache), n_val=len(trainer.val_cache), n_test=len(test),
                   grid=list(trainer.prep.grid), spacing=list(trainer.prep.spacing),
@@ -684,23 +687,25 @@ def quality_rows(result: dict, key: str = "scores") -> list[list[str]]:
 
 
 UNET = "U-Net (MONAI BasicUNet, L1)"
+UNET_SAME_STEPS = "U-Net, medflow's number of steps"
 SEED_COLUMNS = (("scores", "psnr", "PSNR (dB)", 2), ("scores", "ssim", "SSIM", 3),
                 ("level_matched", "psnr", "PSNR, level matched", 2))
 SEED_HEADERS = ["seed", "steps: medflow / U-Net", "T"] + [
     h for _, _, title, _ in SEED_COLUMNS for h in (f"{title}: U-Net", "medflow", "difference")]
 
 
-def seed_rows(results: list[dict]) -> list[list[str]]:
-    """Per seed: the U-Net against medflow's mean of samples at the calibrated temperature (the
-    first row of ``medflow_variants``), means over the test subjects (``SEED_COLUMNS``); then the
-    mean ± SD of the differences over seeds."""
+def seed_rows(results: list[dict], unet_name: str = UNET) -> list[list[str]]:
+    """Per seed: the U-Net ``unet_name`` against medflow's mean of samples at the calibrated
+    temperature (the first row of ``medflow_variants``), means over the test subjects
+    (``SEED_COLUMNS``); then the mean ± SD of the differences over seeds."""
     rows, diffs = [], [[] for _ in SEED_COLUMNS]
     for r in results:
-        name = next(k for k in r["scores"] if k != UNET)
-        cells = [str(r["seed"]), f"{r['flow_steps']} / {r['unet_steps']}", f"{r['calibration']['temperature']:.2f}"
+        name = next(k for k in r["scores"] if k not in (UNET, UNET_SAME_STEPS))
+        unet_steps = r["unet_steps"] if unet_name == UNET else r["flow_steps"]
+        cells = [str(r["seed"]), f"{r['flow_steps']} / {unet_steps}", f"{r['calibration']['temperature']:.2f}"
                  if r["calibration"] else "n/a"]
         for (scores, key, _, digits), diff in zip(SEED_COLUMNS, diffs):
-            unet, flow = (statistics.mean(m[key] for m in r[scores][k]) for k in (UNET, name))
+            unet, flow = (statistics.mean(m[key] for m in r[scores][k]) for k in (unet_name, name))
             diff.append(flow - unet)
             cells += [f"{unet:.{digits}f}", f"{flow:.{digits}f}", f"{flow - unet:+.{digits}f}"]
         rows.append(cells)
@@ -722,6 +727,12 @@ its last row the mean ± SD over seeds; "level matched" scores against the truth
 prediction's own mean inside the brain mask, as in the second table of section 3.
 
 {md_table(SEED_HEADERS, seed_rows(results))}
+
+The same seeds against the U-Net trained for medflow's number of steps instead of its time (the
+same batches and learning-rate schedule): which model learns more per update, apart from the
+cost of an update.
+
+{md_table(SEED_HEADERS, seed_rows(results, UNET_SAME_STEPS))}
 """
 
 
@@ -759,7 +770,8 @@ and batch size; seed {result['seed']}): {result['flow_steps']} medflow steps (`-
 validations included), then {result['unet_steps']} U-Net steps (that time over the U-Net's own step time,
 measured over its steps {UNET_WARMUP_STEPS} to {UNET_WARMUP_STEPS + UNET_TIMED_STEPS - 1}). Both learning rates decay by cosine to 10 % over
 their steps, so a re-run on the same machine repeats medflow's training exactly and the
-U-Net's up to its number of steps. Predictions on the
+U-Net's up to its number of steps. The row "{UNET_SAME_STEPS}" is the same U-Net trained for
+{result['flow_steps']} steps instead (the first {result['flow_steps']} batches): what each model learns per update. Predictions on the
 test subjects are mapped back to each subject's own grid (`medflow.synthesize.to_native_grid`)
 and scored inside its brain mask by `medflow.metrics.compute_metrics`; mean ± SD over the
 {result['n_test']} test subjects. Training, synthesis and scoring took {result['seconds'] / 60:.1f} min.

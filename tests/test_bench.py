@@ -122,6 +122,7 @@ def test_seed_rows_compare_medflow_with_the_unet_per_seed_and_over_seeds():
     def result(seed, unet_psnr, flow_psnr):
         def scores(shift):
             return {bench.UNET: [{"psnr": unet_psnr + shift, "ssim": 0.8}] * 2,
+                    bench.UNET_SAME_STEPS: [{"psnr": unet_psnr - 1.0 + shift, "ssim": 0.7}] * 2,
                     "medflow, mean of 16 samples": [{"psnr": flow_psnr + 2 * shift, "ssim": 0.9}] * 2,
                     "medflow, T=0 (prior mean)": [{"psnr": 0.0, "ssim": 0.0}] * 2}
 
@@ -134,7 +135,10 @@ def test_seed_rows_compare_medflow_with_the_unet_per_seed_and_over_seeds():
     assert rows[1][3:6] == ["21.00", "20.50", "-0.50"]
     assert rows[2][5] == "0.00 ± 0.71" and rows[2][8] == "0.100 ± 0.000" and rows[2][11] == "1.00 ± 0.71"
     assert len(rows[2]) == len(bench.SEED_HEADERS)
-    assert "seeds 0 to 1" in bench.seeds_markdown([result(0, 20.0, 20.5), result(1, 21.0, 20.5)])
+    same_steps = bench.seed_rows([result(0, 20.0, 20.5), result(1, 21.0, 20.5)], bench.UNET_SAME_STEPS)
+    assert same_steps[0][:9] == ["0", "10 / 10", "1.20", "19.00", "20.50", "+1.50", "0.700", "0.900", "+0.200"]
+    text = bench.seeds_markdown([result(0, 20.0, 20.5), result(1, 21.0, 20.5)])
+    assert "seeds 0 to 1" in text and "| 0 | 10 / 8 |" in text and "| 0 | 10 / 10 |" in text
 
 
 def test_quality_run_end_to_end_on_a_tiny_cohort():
@@ -147,11 +151,13 @@ def test_quality_run_end_to_end_on_a_tiny_cohort():
     assert result["flow_steps"] == 3 and result["n_test"] == 1
     assert result["unet_steps"] >= bench.UNET_WARMUP_STEPS + bench.UNET_TIMED_STEPS
     assert result["n_val"] == 1 and 0.05 <= result["calibration"]["temperature"] <= 4.0
-    assert len(result["scores"]) == 5 and sum("(calibrated)" in name for name in result["scores"]) == 2
+    assert len(result["scores"]) == 6 and sum("(calibrated)" in name for name in result["scores"]) == 2
     for key in ("scores", "level_matched"):
-        assert len(result[key]) == 5
+        assert len(result[key]) == 6
         assert all(np.isfinite(r["psnr"]) and 0 < r["ssim"] <= 1 for rows in result[key].values() for r in rows)
-    assert bench.quality_markdown(result).count("| U-Net (MONAI BasicUNet, L1) |") == 2
+    text = bench.quality_markdown(result)
+    assert text.count("| U-Net (MONAI BasicUNet, L1) |") == 2 and text.count("| U-Net, medflow's number of steps |") == 2
+    assert result["scores"][bench.UNET_SAME_STEPS] != result["scores"][bench.UNET]
     assert len(result["coverage"]) == 2 * 2 * len(bench.CALIBRATION_TRUTHS)
     assert all(0 <= c <= 1 for values in result["coverage"].values() for c in values)
 
@@ -203,11 +209,23 @@ def test_unet_turns_the_time_into_steps_after_timing_its_own(monkeypatch):
     rates = []
     monkeypatch.setattr(torch.optim.AdamW, "step", lambda self, *a, **k: rates.append(self.param_groups[0]["lr"]))
     with bench.training_progress() as progress:
-        net, steps = bench.train_unet(_FakeTrainer(), 3.0, progress)
+        net, steps = bench.train_unet(_FakeTrainer(), progress, budget_s=3.0)
     timed = bench.UNET_WARMUP_STEPS + bench.UNET_TIMED_STEPS
     assert steps == timed + 40 and bench.time.now == 3.0
     assert rates[:timed + 1] == [1e-3] * (timed + 1)
     assert rates[-1] == pytest.approx(1e-4) and rates == sorted(rates, reverse=True)
+
+
+def test_unet_trains_for_a_number_of_steps_with_the_same_schedule(monkeypatch):
+    rates = []
+    monkeypatch.setattr(torch.optim.AdamW, "step", lambda self, *a, **k: rates.append(self.param_groups[0]["lr"]))
+    with bench.training_progress() as progress:
+        net, steps = bench.train_unet(_FakeTrainer(), progress, steps=7)
+        assert steps == 7 and rates[0] == 1e-3 and rates[-1] == pytest.approx(1e-4)
+        assert rates == sorted(rates, reverse=True) and len(set(rates)) == 7
+        for wrong in ({}, {"budget_s": 3.0, "steps": 7}):
+            with pytest.raises(ValueError, match="exactly one"):
+                bench.train_unet(_FakeTrainer(), progress, **wrong)
 
 
 def test_tuning_and_batch_tables_give_ratios_to_fp32_eager_and_show_failures():
