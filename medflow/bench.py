@@ -39,7 +39,7 @@ from rich.table import Table
 from medflow.calibration import CALIBRATION_SAMPLES, COVERAGE_Z, coverage, ideal_coverage, prediction_z
 from medflow.measure import MIB, Case, usable_cores, volume_text
 
-QUALITY_STEPS = 300  # medflow training steps in the quality section (about 6 min on 2 CPU cores)
+QUALITY_STEPS = 300  # medflow training steps in the quality section
 UNET_WARMUP_STEPS = 10  # U-Net steps before the timed ones (their times include one-off costs)
 UNET_TIMED_STEPS = 40  # U-Net steps timed to turn medflow's training time into U-Net steps
 GPU_VOLUME = (96, 112, 96)
@@ -842,7 +842,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "speed,synthesis,tuning,batch on a GPU")
     parser.add_argument("--quality-steps", type=int, default=QUALITY_STEPS,
                         help="medflow training steps in the quality section; the U-Net trains for the "
-                             f"seconds they took (default {QUALITY_STEPS}: about 6 min per model on 2 CPU cores)")
+                             f"seconds they took and for as many steps (default {QUALITY_STEPS}; BENCHMARKS.md gives the time)")
     parser.add_argument("--quality-seeds", type=int, default=1,
                         help="repeat the quality section with seeds 0 .. N-1 and add a table over seeds "
                              "(each seed takes about 15 min on 2 CPU cores at the default steps)")
