@@ -4,9 +4,9 @@ Sections (``--sections``): ``speed`` (training step of ``small`` and ``dualglow3
 autograd vs the memory-saving backward, and the FrEIA-built peer of ``medflow.peer_flow``),
 ``synthesis`` (latency of ``DualGlow.sample`` for 1 and 8 samples), ``tuning`` (bf16 subnets and
 ``torch.compile``), ``batch`` (the largest training batch; both meant for a GPU) and ``quality`` (medflow
-``small`` trained for ``--quality-steps`` steps and a MONAI U-Net for as many seconds on the demo
-data, scored on its held-out subjects; ``--quality-seeds`` repeats it over seeds). ``--quick`` runs small
-sizes only and skips quality (< 3 min). Every section runs on ``--device``; the report keeps
+``small`` trained for ``--quality-steps`` steps and a MONAI U-Net for as many seconds and as many
+steps on the demo data, scored on its held-out subjects; ``--quality-seeds`` repeats it over seeds).
+``--quick`` runs small sizes only and skips quality. Every section runs on ``--device``; the report keeps
 one part per device (cpu, cuda) and one per device for runs over several seeds (cpu_seeds).
 
 Every speed and latency number comes from a fresh worker process (``medflow.measure``), so
@@ -844,8 +844,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="medflow training steps in the quality section; the U-Net trains for the "
                              f"seconds they took and for as many steps (default {QUALITY_STEPS}; BENCHMARKS.md gives the time)")
     parser.add_argument("--quality-seeds", type=int, default=1,
-                        help="repeat the quality section with seeds 0 .. N-1 and add a table over seeds "
-                             "(each seed takes about 15 min on 2 CPU cores at the default steps)")
+                        help="repeat the quality section with seeds 0 .. N-1 and add tables over seeds "
+                             "(BENCHMARKS.md gives the time such a run took)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                         help="device of every section; the report keeps one part per device (cpu, cuda)")
     args = parser.parse_args(argv)

@@ -28,6 +28,7 @@ def _replace_modules(net: nn.Module, kind: type, convert) -> nn.Module:
 
 
 def _group_norm_like(name: str, norm: nn.InstanceNorm3d) -> nn.GroupNorm:
+    """A ``GroupNorm`` of one group per channel with ``norm``'s settings, device, dtype and weights."""
     if norm.track_running_stats:
         raise ModelError(f"{name}: an instance norm with running statistics has no group-norm equivalent")
     like = {"device": norm.weight.device, "dtype": norm.weight.dtype} if norm.affine else {}
