@@ -53,7 +53,9 @@ class DualGlowConfig:
     encoder's finest features, where present): SRFlow's affine
     injector, so the flows model PET relative to an MRI-based estimate; injector_net: that
     net, ``conv`` (three convolutions, a 5-voxel receptive field) or ``unet`` (a MONAI
-    BasicUNet, whole-volume receptive field, grids of at least 32 voxels per axis); lam: weight of
+    BasicUNet, whole-volume receptive field, grids of at least 32 voxels per axis); injector_beta:
+    the gradient that reaches the injector's ``mu`` is scaled by its predicted spread to the power
+    2 beta (beta-NLL, ``ConditionalAffine``; 0: the likelihood's own gradient); lam: weight of
     log p(MRI); n_bins: quantisation levels per unit intensity used for bits per voxel.
     """
 
@@ -75,6 +77,7 @@ class DualGlowConfig:
     side_adversary: float = 0.1
     injector_width: int = 0
     injector_net: str = "conv"
+    injector_beta: float = 0.0
     lam: float = 0.001
     n_bins: int = 256
 
@@ -108,6 +111,8 @@ class DualGlowConfig:
             raise ModelError("uptake_map needs side_map_cells > 0 (the cells per axis of its map)")
         if self.condition_width < 0 or self.injector_width < 0:
             raise ModelError("condition_width and injector_width must be >= 0 (0 turns them off)")
+        if not 0.0 <= self.injector_beta <= 1.0:
+            raise ModelError(f"injector_beta must be between 0 and 1, got {self.injector_beta}")
         if self.injector_net not in INJECTOR_NETS:
             raise ModelError(f"injector_net must be one of {list(INJECTOR_NETS)}, got {self.injector_net!r}")
 
@@ -163,7 +168,8 @@ class DualGlow(nn.Module):
             learn_prior_scale=c.prior == "mean_scale",
         )
         injector_cond = c.mri_channels + c.condition_width
-        self.injector = (ConditionalAffine(1, injector_cond, c.injector_width, c.clamp, c.injector_net)
+        self.injector = (ConditionalAffine(1, injector_cond, c.injector_width, c.clamp, c.injector_net,
+                                           c.injector_beta)
                          if c.injector_width else None)
         mapped = c.side_map_channels if c.side_channels and c.side_map_cells else []
         self.side_scale = (CovariateScale(1, c.side_channels, c.side_map_cells, c.clamp, mapped, c.side_map_origin,

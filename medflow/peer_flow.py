@@ -147,7 +147,8 @@ class PeerDualGlow(nn.Module):
         )
         self.uptake_map = (CovariateScale(1, 0, c.side_map_cells, c.clamp, origin=c.side_map_origin, static=True)
                            if c.uptake_map else None)
-        self.injector = (ConditionalAffine(1, c.mri_channels, c.injector_width, c.clamp, c.injector_net)
+        self.injector = (ConditionalAffine(1, c.mri_channels, c.injector_width, c.clamp, c.injector_net,
+                                           c.injector_beta)
                          if c.injector_width else None)
 
     @classmethod

@@ -260,6 +260,48 @@ def test_unet_injector_is_the_identity_at_init_then_inverts_with_its_jacobian_lo
     torch.testing.assert_close(injector.inverse(y.detach(), cond), x.detach(), rtol=0, atol=1e-10)
 
 
+@pytest.mark.parametrize("beta", [0.5, 1.0])
+def test_injector_mean_beta_scales_only_the_gradient_of_mu(beta):
+    """Oracle: the Gaussian NLL of y = (x - mu) / sigma by autograd, float64. With ``mean_beta``
+    the values, the log-det and the gradients of x and log_s are the same, the gradient of mu is
+    sigma^(2 beta) times the likelihood's: -(x - mu) / sigma^(2 - 2 beta), the squared error's at beta = 1."""
+    torch.manual_seed(0)
+    x, mu, log_s = (torch.randn(2, 1, 3, 4, 5, dtype=torch.float64) for _ in range(3))
+
+    def run(b):
+        leaves = [t.clone().requires_grad_() for t in (x, mu, log_s)]
+        y, logdet = ConditionalAffine.forward_from(*leaves, mean_beta=b)
+        (0.5 * y.square().sum() - logdet.sum()).backward()
+        return y, logdet, [t.grad for t in leaves]
+
+    y0, logdet0, (gx0, gmu0, gs0) = run(0.0)
+    y, logdet, (gx, gmu, gs) = run(beta)
+    assert torch.equal(y, y0) and torch.equal(logdet, logdet0)
+    torch.testing.assert_close(gx, gx0, rtol=0, atol=0)
+    torch.testing.assert_close(gs, gs0, rtol=0, atol=0)
+    torch.testing.assert_close(gmu0, -(x - mu) * torch.exp(-2 * log_s), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(gmu, -(x - mu) * torch.exp((2 * beta - 2) * log_s), rtol=1e-12, atol=1e-12)
+
+
+def test_injector_mean_beta_changes_training_steps_not_the_model():
+    """Two injectors with the same weights, mean_beta 0 and 0.5: the same output, log-det and
+    inverse; the mean's gradient differs, so the net's parameter gradients do."""
+    torch.manual_seed(0)
+    plain = perturb(ConditionalAffine(1, 2, 8), scale=0.3)
+    weighted = copy.deepcopy(plain)
+    weighted.mean_beta = 0.5
+    x, cond = torch.randn(1, 1, 6, 6, 6), torch.randn(1, 2, 6, 6, 6)
+    outputs = []
+    for injector in (plain, weighted):
+        y, logdet = injector(x, cond)
+        (0.5 * y.square().sum() - logdet.sum()).backward()
+        outputs.append((y, logdet))
+    assert torch.equal(outputs[0][0], outputs[1][0]) and torch.equal(outputs[0][1], outputs[1][1])
+    torch.testing.assert_close(weighted.inverse(outputs[1][0].detach(), cond), x, rtol=0, atol=1e-5)
+    first = plain.net[0].weight.grad
+    assert not torch.allclose(first, weighted.net[0].weight.grad, rtol=1e-3, atol=0)
+
+
 def test_per_channel_group_norm_is_monais_instance_norm_unet_in_both_layouts():
     """Oracle: MONAI's BasicUNet with its instance norms, float64, a batch of 2. The converted copy
     has the same state-dict keys, loads the original's weights and gives the same output, also

@@ -353,6 +353,8 @@ def test_overrides_and_bad_options():
         DualGlow.from_preset("nope")
     with pytest.raises(ModelError, match="injector_net must be one of"):
         DualGlow.from_preset("tiny", injector_width=4, injector_net="resnet")
+    with pytest.raises(ModelError, match="injector_beta must be between 0 and 1, got 1.5"):
+        DualGlow.from_preset("tiny", injector_width=4, injector_beta=1.5)
 
 
 def test_cpu_placement_is_channels_last_and_changes_no_number():

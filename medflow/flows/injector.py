@@ -75,6 +75,12 @@ def injector_subnet(kind: str, in_channels: int, hidden: int, out_channels: int)
     return net
 
 
+def scale_gradient(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """``x`` unchanged in value; in the backward pass its gradient is multiplied by ``factor``
+    (broadcast to x's shape, held constant: no gradient flows into it)."""
+    return x.detach() + (x - x.detach()) * factor.detach()
+
+
 class ConditionalAffine(InvertibleModule):
     """``y = (x - mu(c)) * exp(-log_s(c))`` for x [B, C, D, H, W] and c [B, Cc, D, H, W].
 
@@ -84,13 +90,21 @@ class ConditionalAffine(InvertibleModule):
     conditional flow, ``mu`` becomes an estimate of x from c and the rest of the flow
     models the residual. With ``recompute`` the net's activations are not kept for the
     backward pass but recomputed from ``c`` (``torch.utils.checkpoint``).
+
+    ``mean_beta``: the gradient that reaches ``mu`` is multiplied by sigma^(2 beta), sigma =
+    exp(log_s), held constant (beta-NLL, Seitzer et al., ICLR 2022). For a Gaussian residual the
+    likelihood's gradient for ``mu`` is (x - mu) / sigma^2 per voxel, so wherever the net predicts a
+    large spread its mean learns little; beta = 0.5 makes it (x - mu) / sigma, beta = 1 the squared
+    error's (x - mu). Values, log-determinant and likelihood are unchanged: only training's steps.
     """
 
-    def __init__(self, channels: int, cond_channels: int, hidden: int, clamp: float = 2.0, net: str = "conv"):
+    def __init__(self, channels: int, cond_channels: int, hidden: int, clamp: float = 2.0, net: str = "conv",
+                 mean_beta: float = 0.0):
         super().__init__()
         self.channels = channels
         self.clamp = clamp
         self.kind = net
+        self.mean_beta = mean_beta
         self.net = injector_subnet(net, cond_channels, hidden, 2 * channels)
         self.recompute = False
 
@@ -106,11 +120,17 @@ class ConditionalAffine(InvertibleModule):
         return out[:, : self.channels], soft_clamp(out[:, self.channels :], self.clamp)
 
     def forward(self, x, cond=None):
-        mu, log_s = self.params(cond)
-        return (x - mu) * torch.exp(-log_s), -log_s.flatten(1).sum(1)
+        return self.forward_from(x, *self.params(cond), self.mean_beta)
 
     def inverse(self, y, cond=None):
         return self.inverse_from(y, *self.params(cond))
+
+    @staticmethod
+    def forward_from(x: torch.Tensor, mu: torch.Tensor, log_s: torch.Tensor, mean_beta: float = 0.0):
+        """The forward with ``params`` given: y and log|det dy/dx| [B]; ``mean_beta`` as in the class."""
+        if mean_beta and torch.is_grad_enabled():
+            mu = scale_gradient(mu, torch.exp(2.0 * mean_beta * log_s))
+        return (x - mu) * torch.exp(-log_s), -log_s.flatten(1).sum(1)
 
     @staticmethod
     def inverse_from(y: torch.Tensor, mu: torch.Tensor, log_s: torch.Tensor) -> torch.Tensor:
