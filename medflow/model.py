@@ -20,6 +20,21 @@ from medflow.flows.injector import INJECTOR_NETS, UNET_MIN_AXIS, ConditionalAffi
 from medflow.presets import load_preset
 
 
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+OPTION_TYPES = {  # a DualGlowConfig field's annotation -> (check, what it must be)
+    "int": (_is_int, "an integer"),
+    "float": (lambda v: _is_int(v) or isinstance(v, float), "a number"),
+    "bool": (lambda v: isinstance(v, bool), "true or false"),
+    "str": (lambda v: isinstance(v, str), "a string"),
+    "list[int]": (lambda v: isinstance(v, list) and all(map(_is_int, v)), "a list of integers"),
+    "list[int] | None": (lambda v: v is None or (isinstance(v, list) and all(map(_is_int, v))),
+                         "a list of integers or null"),
+}
+
+
 @dataclass
 class DualGlowConfig:
     """Architecture and objective of a Dual-Glow model.
@@ -87,6 +102,11 @@ class DualGlowConfig:
         unknown = sorted(set(values) - known)
         if unknown:
             raise ModelError(f"unknown model option(s): {', '.join(unknown)}")
+        for f in fields(cls):
+            if f.name in values:
+                check, kind = OPTION_TYPES[f.type]
+                if not check(values[f.name]):
+                    raise ModelError(f"model option {f.name} must be {kind}, got {values[f.name]!r}")
         config = cls(**values)
         config.validate()
         return config

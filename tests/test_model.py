@@ -1,6 +1,7 @@
 """Dual-Glow model tests: round trips, memory-saving backward, the condition is used, presets."""
 
 import copy
+import re
 
 import pytest
 import torch
@@ -355,6 +356,11 @@ def test_overrides_and_bad_options():
         DualGlow.from_preset("tiny", injector_width=4, injector_net="resnet")
     with pytest.raises(ModelError, match="injector_beta must be between 0 and 1, got 1.5"):
         DualGlow.from_preset("tiny", injector_width=4, injector_beta=1.5)
+    for option, value, kind in [("hidden", "abc", "an integer"), ("hidden", True, "an integer"),
+                                ("injector_beta", "abc", "a number"), ("steps", [1, "2"], "a list of integers"),
+                                ("uptake_map", 1, "true or false"), ("side_map_channels", 0, "a list of integers or null")]:
+        with pytest.raises(ModelError, match=re.escape(f"model option {option} must be {kind}, got {value!r}")):
+            DualGlow.from_preset("tiny", **{option: value})
 
 
 def test_cpu_placement_is_channels_last_and_changes_no_number():
