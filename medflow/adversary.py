@@ -17,24 +17,14 @@ from torch import nn
 
 from medflow.condition import rms_normalize
 from medflow.flows.conv import Conv3d
+from medflow.gradient import scale_gradient
 
 BOUND = 3.0  # largest absolute prediction: standardised numbers and one-hot categories lie well inside
 
 
-class _GradReverse(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, scale: float):
-        ctx.scale = scale
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return -ctx.scale * grad, None
-
-
 def grad_reverse(x: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
     """Identity forward; multiplies the gradient by -scale backward."""
-    return _GradReverse.apply(x, scale)
+    return scale_gradient(x, -scale)
 
 
 class SideDiscriminator(nn.Module):

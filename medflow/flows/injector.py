@@ -10,6 +10,7 @@ from medflow.errors import ModelError
 from medflow.flows.base import InvertibleModule
 from medflow.flows.conv import Conv3d
 from medflow.flows.coupling import coupling_subnet, soft_clamp
+from medflow.gradient import scale_gradient
 
 
 INJECTOR_NETS = ("conv", "unet")
@@ -73,12 +74,6 @@ def injector_subnet(kind: str, in_channels: int, hidden: int, out_channels: int)
     nn.init.zeros_(net.final_conv.weight)
     nn.init.zeros_(net.final_conv.bias)
     return net
-
-
-def scale_gradient(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-    """``x`` unchanged in value; in the backward pass its gradient is multiplied by ``factor``
-    (broadcast to x's shape, held constant: no gradient flows into it)."""
-    return x.detach() + (x - x.detach()) * factor.detach()
 
 
 class ConditionalAffine(InvertibleModule):
