@@ -116,6 +116,27 @@ def lr_factor(step: int, warmup: int, progress: float | None) -> float:
     return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+def injector_lr_scale(train: dict, preset: str) -> float:
+    """The ``train`` section's ``injector_lr_scale`` of preset ``preset``: the injector's learning
+    rate over ``lr`` (1 when absent)."""
+    value = train.get("injector_lr_scale", 1.0)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ModelError(f"{preset}: injector_lr_scale must be a positive number, got {value!r}")
+    return float(value)
+
+
+def parameter_groups(model: DualGlow, lr: float, injector_scale: float) -> list[dict]:
+    """AdamW's parameter groups: the injector's parameters at ``lr * injector_scale``, the rest at
+    ``lr``; one group when the scale is 1 or the model has no injector (the layout of the
+    optimizer state that runs from before the scale existed saved)."""
+    if model.injector is None or injector_scale == 1.0:
+        return [{"params": list(model.parameters()), "lr": lr}]
+    injector = list(model.injector.parameters())
+    ids = {id(p) for p in injector}
+    return [{"params": [p for p in model.parameters() if id(p) not in ids], "lr": lr},
+            {"params": injector, "lr": lr * injector_scale}]
+
+
 class StopFlag:
     """Set by SIGINT/SIGTERM; the loop saves a checkpoint and exits cleanly."""
 
@@ -151,12 +172,15 @@ class Trainer:
         self.batch_size = int(train_cfg.get("batch_size", 1))
         self.lr = float(train_cfg.get("lr", 1e-3))
         self.warmup = int(train_cfg.get("warmup_steps", 100))
+        # Recorded when the run starts; a run from before it resumes with one learning rate.
+        self.injector_lr_scale = float(self.settings["train"].get("injector_lr_scale", 1.0))
         self._load_data()
         torch.manual_seed(opts.seed)
         self.model = place_model(DualGlow(DualGlowConfig.from_dict(self.settings["model"])), self.device)
         self.model.set_recompute(opts.recompute)
         self.model.set_subnet_bf16(opts.bf16 and self.device.type == "cuda")
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=self.lr, weight_decay=opts.weight_decay)
+        self.optimizer = torch.optim.AdamW(parameter_groups(self.model, self.lr, self.injector_lr_scale),
+                                           lr=self.lr, weight_decay=opts.weight_decay)
         self.total_steps = self._total_steps()
         self.elapsed_before = self.clock = 0.0
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -196,7 +220,8 @@ class Trainer:
             "mri_columns": list(opts.mri_columns),
             "side_columns": list(opts.side_columns),
             "seed": opts.seed,
-            "train": {"batch_size": opts.batch_size, "lr": opts.lr, "warmup_steps": opts.warmup},
+            "train": {"batch_size": opts.batch_size, "lr": opts.lr, "warmup_steps": opts.warmup,
+                      "injector_lr_scale": injector_lr_scale(preset["train"], opts.preset)},
             "data": str(opts.data),
             "val": str(opts.val) if opts.val else None,
             "val_fraction": opts.val_fraction,

@@ -16,7 +16,7 @@ import torch
 from rich.progress import Progress
 
 import medflow.train
-from medflow.checkpoint import load_state, read_config, save_state, step_checkpoints
+from medflow.checkpoint import load_state, read_config, save_state, step_checkpoints, write_config
 from medflow.errors import ModelError, TrainingError
 from medflow.model import DualGlow, DualGlowConfig
 from medflow.train import Trainer, TrainOptions, lr_factor
@@ -253,3 +253,49 @@ def test_unet_injector_trains_on_a_grid_padded_to_its_minimum(pairs, tmp_path):
     result = run_cli("train", pairs, "--out", tmp_path / "small_grid", *TRAIN_ARGS, *unet, "--grid", "16,16,16")
     assert result.returncode == 3, result.stderr
     assert "the U-Net injector needs at least 32 voxels per axis" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_parameter_groups_give_the_injector_its_own_learning_rate():
+    model = DualGlow(DualGlowConfig(steps=[1, 1], hidden=8, prior_hidden=8, injector_width=4))
+    groups = medflow.train.parameter_groups(model, 1e-3, 3.0)
+    assert [g["lr"] for g in groups] == [1e-3, pytest.approx(3e-3)]
+    ids = [{id(p) for p in g["params"]} for g in groups]
+    assert not ids[0] & ids[1] and ids[0] | ids[1] == {id(p) for p in model.parameters()}
+    assert ids[1] == {id(p) for p in model.injector.parameters()}
+    assert len(medflow.train.parameter_groups(model, 1e-3, 1.0)) == 1
+    plain = DualGlow(DualGlowConfig(steps=[1, 1], hidden=8, prior_hidden=8))
+    assert len(medflow.train.parameter_groups(plain, 1e-3, 3.0)) == 1
+
+
+def test_injector_lr_scale_is_recorded_and_old_runs_resume_with_one_group(pairs, tmp_path):
+    """The preset's injector_lr_scale is recorded in the run and trains the injector at its own
+    rate; a run whose settings predate it resumes with one learning rate even where its preset
+    now sets one; a bad value is a one-line error before anything is written."""
+    preset = tmp_path / "scaled.yaml"
+    tiny = (Path(medflow.train.__file__).parent.parent / "models" / "tiny.yaml").read_text()
+    args = ["--preset", preset, "--set", "injector_width=4", "--steps", "2", "--checkpoint-every", "1",
+            "--val-fraction", "0", "--device", "cpu", "--spacing", "6"]
+    preset.write_text(tiny + "  injector_lr_scale: 3.0\n")
+    run = tmp_path / "run"
+    result = run_cli("train", pairs, "--out", run, *args)
+    assert result.returncode == 0, result.stderr
+    assert read_config(run)["settings"]["train"]["injector_lr_scale"] == 3.0
+    groups = load_state(step_checkpoints(run)[0])["optimizer"]["param_groups"]
+    assert [g["initial_lr"] for g in groups] == [1e-3, pytest.approx(3e-3)]
+
+    preset.write_text(tiny)
+    old = tmp_path / "old"
+    assert run_cli("train", pairs, "--out", old, *args).returncode == 0
+    config = read_config(old)
+    del config["settings"]["train"]["injector_lr_scale"]
+    write_config(old, config)
+    preset.write_text(tiny + "  injector_lr_scale: 3.0\n")
+    resumed = run_cli("train", pairs, "--out", old, "--steps", "3", "--resume", "--device", "cpu")
+    assert resumed.returncode == 0, resumed.stderr
+    assert len(load_state(step_checkpoints(old)[0])["optimizer"]["param_groups"]) == 1
+
+    preset.write_text(tiny + "  injector_lr_scale: -1\n")
+    bad = run_cli("train", pairs, "--out", tmp_path / "bad", *args)
+    assert bad.returncode == 5 and "Traceback" not in bad.stderr
+    assert f"{preset}: injector_lr_scale must be a positive number, got -1" in bad.stderr
+    assert not (tmp_path / "bad").exists()
