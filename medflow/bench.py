@@ -228,17 +228,11 @@ def training_progress() -> Progress:
                     TimeElapsedColumn(), console=console)
 
 
-def unet_lr(trainer) -> float:
-    """The U-Net baseline's peak learning rate: that of medflow's injector in ``trainer``'s run."""
-    return trainer.lr * trainer.injector_lr_scale
-
-
 def train_unet(trainer, progress: Progress, budget_s: float | None = None, steps: int | None = None):
     """MONAI BasicUNet, L1 loss from scaled MRI to scaled PET, on the flow's own training batches
     (``trainer.train_batch``: same cache, augmentation and batch size) for ``budget_s`` seconds or
     for ``steps`` steps (one of the two). It runs with the layers of medflow's U-Net injector
-    (``unet_with_medflow_layers``) and at its learning rate (``unet_lr``), so that the same network
-    trains at the same speed and rate in both models.
+    (``unet_with_medflow_layers``), so that the same network trains at the same speed in both models.
 
     A time becomes a number of steps once the ``UNET_TIMED_STEPS`` after the first
     ``UNET_WARMUP_STEPS`` are timed; the learning rate decays by cosine to 10 % over the steps,
@@ -256,7 +250,7 @@ def train_unet(trainer, progress: Progress, budget_s: float | None = None, steps
     net = unet_with_medflow_layers(BasicUNet(spatial_dims=3, in_channels=len(trainer.settings["mri_columns"]),
                                              out_channels=1, features=(16, 16, 32, 64, 128, 16)))
     net = place_model(net, trainer.device)
-    optimizer = torch.optim.AdamW(net.parameters(), lr=unet_lr(trainer))
+    optimizer = torch.optim.AdamW(net.parameters(), lr=1e-3)
     total = steps  # with a time budget, known once timed
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, 0, s / max(1, total - 1) if total else None))
@@ -389,7 +383,6 @@ def quality_run(data_csv: Path, work: Path, steps: int, seed: int, device: torch
     console.print(f"scoring {len(test)} held-out subjects")
     result = score_test_subjects(tm, {UNET: net, UNET_SAME_STEPS: same_steps}, test, work / "synth", device)
     result.update(seed=seed, budget_s=budget_s, flow_steps=summary["step"], unet_steps=unet_steps,
-                  unet_lr=unet_lr(trainer),
                   n_train=len(trainer.train_cache), n_val=len(trainer.val_cache), n_test=len(test),
                   grid=list(trainer.prep.grid), spacing=list(trainer.prep.spacing),
                   batch_size=trainer.batch_size, device=str(device), seconds=time.monotonic() - start)
@@ -771,8 +764,7 @@ Demo data from `medflow.demo_data.make_demo_dataset` (recipe version {RECIPE_VER
 `small` (`medflow.train.Trainer`: {result['spacing'][0]:g} mm spacing of the preset, model grid
 {volume_text(result['grid'])}, batch {result['batch_size']}) and a MONAI `BasicUNet` (features 16, 16, 32,
 64, 128, 16, with the layers medflow's injector runs it with, `flows.injector.unet_with_medflow_layers`;
-L1 loss from scaled MRI to scaled PET; AdamW at the peak learning rate of medflow's injector,
-{result['unet_lr']:g}) each trained for
+L1 loss from scaled MRI to scaled PET; AdamW, lr 1e-3) each trained for
 {result['budget_s']:.0f} s of wall-clock time on the same batches (same preprocessing, augmentation
 and batch size; seed {result['seed']}): {result['flow_steps']} medflow steps (`--quality-steps`; the time is what they took,
 validations included), then {result['unet_steps']} U-Net steps (that time over the U-Net's own step time,

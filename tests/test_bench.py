@@ -100,11 +100,11 @@ def test_quality_markdown_and_level_matching():
               "coverage": {("true PET", 0.5, 1.645): [0.8, 0.9]},
               "samples": 8, "calibration": {"temperature": 1.25, "subjects": 2, "z": 1.645, "samples": 16,
                                             "target": 0.86, "coverage": 0.855},
-              "budget_s": 60.0, "unet_lr": 0.003,
+              "budget_s": 60.0,
               "flow_steps": 10, "unet_steps": 20, "n_train": 22, "n_val": 2, "n_test": 2, "grid": [48, 56, 48],
               "spacing": [4.0, 4.0, 4.0], "batch_size": 2, "device": "cpu", "seconds": 120.0, "seed": 0}
     text = bench.quality_markdown(result)
-    assert "seed 0)" in text and "peak learning rate of medflow's injector,\n0.003)" in text
+    assert "seed 0)" in text
     assert "| U-Net | 20.00 ± 0.00 | 0.800 ± 0.000 |" in text and "| U-Net | 22.00 ± 1.41 | 0.800 ± 0.000 |" in text
     assert "| true PET | 0.5 | mean ± 1.645 std | 82.5 | 85.0 ± 7.1 |" in text
     assert "The calibrated temperature T = 1.25" in text and "reached 85.5 %" in text
@@ -148,7 +148,7 @@ def test_quality_run_end_to_end_on_a_tiny_cohort():
     assert [r["seed"] for r in results] == [0, 1]
     assert "| all |" in bench.seeds_markdown(results)
     result = results[0]
-    assert result["flow_steps"] == 3 and result["n_test"] == 1 and result["unet_lr"] == pytest.approx(3e-3)
+    assert result["flow_steps"] == 3 and result["n_test"] == 1
     assert result["unet_steps"] >= bench.UNET_WARMUP_STEPS + bench.UNET_TIMED_STEPS
     assert result["n_val"] == 1 and 0.05 <= result["calibration"]["temperature"] <= 4.0
     assert len(result["scores"]) == 6 and sum("(calibrated)" in name for name in result["scores"]) == 2
@@ -194,7 +194,6 @@ class _FakeTrainer:
 
     opts = SimpleNamespace(seed=0)
     settings = {"mri_columns": ["mri"]}
-    lr, injector_lr_scale = 1e-3, 3.0
     device = torch.device("cpu")
 
     def train_batch(self, step):
@@ -213,8 +212,8 @@ def test_unet_turns_the_time_into_steps_after_timing_its_own(monkeypatch):
         net, steps = bench.train_unet(_FakeTrainer(), progress, budget_s=3.0)
     timed = bench.UNET_WARMUP_STEPS + bench.UNET_TIMED_STEPS
     assert steps == timed + 40 and bench.time.now == 3.0
-    assert rates[:timed + 1] == [pytest.approx(3e-3)] * (timed + 1)
-    assert rates[-1] == pytest.approx(3e-4) and rates == sorted(rates, reverse=True)
+    assert rates[:timed + 1] == [1e-3] * (timed + 1)
+    assert rates[-1] == pytest.approx(1e-4) and rates == sorted(rates, reverse=True)
 
 
 def test_unet_trains_for_a_number_of_steps_with_the_same_schedule(monkeypatch):
@@ -222,7 +221,7 @@ def test_unet_trains_for_a_number_of_steps_with_the_same_schedule(monkeypatch):
     monkeypatch.setattr(torch.optim.AdamW, "step", lambda self, *a, **k: rates.append(self.param_groups[0]["lr"]))
     with bench.training_progress() as progress:
         net, steps = bench.train_unet(_FakeTrainer(), progress, steps=7)
-        assert steps == 7 and rates[0] == pytest.approx(3e-3) and rates[-1] == pytest.approx(3e-4)
+        assert steps == 7 and rates[0] == 1e-3 and rates[-1] == pytest.approx(1e-4)
         assert rates == sorted(rates, reverse=True) and len(set(rates)) == 7
         for wrong in ({}, {"budget_s": 3.0, "steps": 7}):
             with pytest.raises(ValueError, match="exactly one"):
