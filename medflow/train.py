@@ -127,8 +127,8 @@ def injector_lr_scale(train: dict, preset: str) -> float:
 
 def parameter_groups(model: DualGlow, lr: float, injector_scale: float) -> list[dict]:
     """AdamW's parameter groups: the injector's parameters at ``lr * injector_scale``, the rest at
-    ``lr``; one group when the scale is 1 or the model has no injector (the layout of the
-    optimizer state that runs from before the scale existed saved)."""
+    ``lr``; one group when the scale is 1 or the model has no injector, the layout of the
+    optimizer state saved by runs from before the scale existed."""
     if model.injector is None or injector_scale == 1.0:
         return [{"params": list(model.parameters()), "lr": lr}]
     injector = list(model.injector.parameters())
