@@ -19,6 +19,7 @@ import medflow.train
 from medflow.checkpoint import load_state, read_config, save_state, step_checkpoints, write_config
 from medflow.errors import ModelError, TrainingError
 from medflow.model import DualGlow, DualGlowConfig
+from medflow.presets import preset_path
 from medflow.train import Trainer, TrainOptions, lr_factor
 from medflow.trained import load_trained
 from tests.paired_data import write_paired_csv
@@ -272,7 +273,7 @@ def test_injector_lr_scale_is_recorded_and_old_runs_resume_with_one_group(pairs,
     rate; a run whose settings predate it resumes with one learning rate even where its preset
     now sets one; a bad value is a one-line error before anything is written."""
     preset = tmp_path / "scaled.yaml"
-    tiny = (Path(medflow.train.__file__).parent.parent / "models" / "tiny.yaml").read_text()
+    tiny = preset_path("tiny").read_text()
     args = ["--preset", preset, "--set", "injector_width=4", "--steps", "2", "--checkpoint-every", "1",
             "--val-fraction", "0", "--device", "cpu", "--spacing", "6"]
     preset.write_text(tiny + "  injector_lr_scale: 3.0\n")
