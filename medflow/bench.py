@@ -36,7 +36,14 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from medflow.calibration import CALIBRATION_SAMPLES, COVERAGE_Z, coverage, ideal_coverage, prediction_z
+from medflow.calibration import (
+    CALIBRATION_SAMPLES,
+    COVERAGE_Z,
+    coverage,
+    ideal_coverage,
+    prediction_z,
+    with_level_spread,
+)
 from medflow.measure import MIB, Case, usable_cores, volume_text
 
 QUALITY_STEPS = 300  # medflow training steps in the quality section
@@ -302,7 +309,7 @@ def level_matched(ref, pred, mask):
     return ref * (pred[mask].mean() / ref[mask].mean())
 
 
-CALIBRATION_TRUTHS = ("true PET", "true PET at the synthesis's brain mean")
+CALIBRATION_TRUTHS = ("true PET; std with the level's spread", "true PET at the synthesis's brain mean; std of the samples")
 def medflow_variants(tm) -> dict[str, tuple[float, int]]:
     """name: (temperature, samples), at the temperature ``medflow synthesize`` uses by default
     (``TrainedModel.temperature``: calibrated on the validation subjects, else 0.5) and at 0.5;
@@ -346,15 +353,17 @@ def score_test_subjects(tm, unets: dict, subjects, folder: Path, device: torch.d
             score(name, unet_predict(net, tm, s.mri, device), ref.data, mask)
         for name, (temperature, samples) in variants.items():
             mean_path, std_path = folder / f"{s.subject}_mean.nii.gz", folder / f"{s.subject}_std.nii.gz"
-            synthesize_file(tm, s.mri, mean_path, SynthesisOptions(temperature, samples, overwrite=True), device,
-                            std_out=std_path if samples > 1 else None)
+            synthesize_file(tm, s.mri, mean_path, SynthesisOptions(temperature, samples, overwrite=True,
+                                                                   level_spread=False),
+                            device, std_out=std_path if samples > 1 else None)
             mean = read_volume(mean_path).data
             ref_at_level = score(name, mean, ref.data, mask)
             if samples > 1:
                 std = read_volume(std_path).data
-                for truth, values in zip(CALIBRATION_TRUTHS, (ref.data, ref_at_level)):
+                with_level = with_level_spread(mean, std, tm.prep.pet_level_moments)
+                for truth, values, spread in zip(CALIBRATION_TRUTHS, (ref.data, ref_at_level), (with_level, std)):
                     for z in coverage_zs(samples):
-                        calibration[(truth, temperature, z)].append(coverage(mean, std, values, mask, z))
+                        calibration[(truth, temperature, z)].append(coverage(mean, spread, values, mask, z))
     return {"scores": scores, "level_matched": matched, "coverage": calibration, "samples": CALIBRATION_SAMPLES,
             "calibration": tm.calibration}
 
@@ -792,11 +801,13 @@ Calibration of the uncertainty: percentage of brain-mask voxels whose truth lies
 mean ± z std of the {samples} samples, mean ± SD over the test subjects. "Ideal" is what a perfectly
 calibrated Gaussian model scores (`calibration.ideal_coverage`): with mean and std estimated from {samples}
 samples in antithetic pairs, z = 1.645 reaches {100 * ideal_coverage(COVERAGE_Z, samples):.1f} %, not 90 %; z = {prediction_z(samples):.3f} is the
-finite-sample 90 % prediction interval (`calibration.prediction_z`). Truth is
-the test subject's PET as it is, and rescaled to the synthesis's mean inside the brain mask
-(`bench.level_matched`): `small` learns global-mean-normalised PET (`--pet-normalization`),
-so its samples share the training median level and their spread covers the uptake pattern,
-not the subject's own level, which the MRI does not show.
+finite-sample 90 % prediction interval (`calibration.prediction_z`). `small` learns
+global-mean-normalised PET (`--pet-normalization`), so its samples share the training median
+level and their spread covers the uptake pattern, not the subject's own level, which the MRI
+does not show. Truth is the test subject's PET as it is, against the std map `medflow
+synthesize --std` writes (the samples' std widened by the training subjects' spread of global
+level, `calibration.with_level_spread`), and the PET rescaled to the synthesis's mean inside
+the brain mask (`bench.level_matched`), against the samples' std alone (`--no-level-spread`).
 
 {md_table(["truth", "T", "interval", "ideal (%)", "coverage (%)"], coverage_rows)}
 """

@@ -8,6 +8,10 @@ independent pairs; 82 % for z = 1.645 and N = 8, not 90 %). ``calibrate_temperat
 the prior temperature at which a trained model reaches that coverage on validation subjects;
 ``medflow train`` records it and ``medflow synthesize`` samples at it unless ``--temperature``
 is given.
+
+A model trained on global-mean-normalised PET writes every synthesis at the training median
+level, while a subject's own level follows dose and uptake time, which the MRI does not show;
+``with_level_spread`` adds the training subjects' spread of that level to the std map.
 """
 
 from __future__ import annotations
@@ -29,6 +33,18 @@ def coverage(mean, std, ref, mask, z: float = COVERAGE_Z) -> float:
     """Fraction of ``mask`` voxels whose ``ref`` lies within mean +- z std (numpy or torch)."""
     inside = abs(ref - mean) <= z * std
     return float(inside[mask].sum()) / max(int(mask.sum()), 1)
+
+
+def with_level_spread(mean, std, moments: tuple[float, float]):
+    """The uncertainty map of a PET whose global level is unknown: the RMS deviation of the truth
+    from the written ``mean`` m (numpy or torch, any shape, PET units at ``pet_level``), given the
+    samples' ``std`` s of the uptake pattern and ``Preprocessing.pet_level_moments`` (E r²,
+    E (r - 1)²) over the training levels r relative to ``pet_level``.
+
+    For a truth r·p with r independent of the pattern p (whose mean and spread the samples give
+    as m and s): E (r p - m)² = E r² s² + E (r - 1)² m². Moments (1, 0) give back ``std``."""
+    mean_square, deviation = moments
+    return (mean_square * std**2 + deviation * mean**2) ** 0.5
 
 
 def _degrees_of_freedom(n: int) -> int:

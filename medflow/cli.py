@@ -206,7 +206,11 @@ def synthesize(
                                                  "(config.json 'calibration'), else 0.5."),
     samples: int = typer.Option(4, help="Number of PET samples N, 1 or even (drawn in antithetic pairs); "
                                         "the output is their mean."),
-    std: Path = typer.Option(None, help="Write the voxel-wise std of the N samples here (file; folder in batch mode)."),
+    std: Path = typer.Option(None, help="Write the uncertainty map here (file; folder in batch mode): the voxel-wise "
+                                        "std of the N samples, widened by the training PETs' spread of global level."),
+    level_spread: bool = typer.Option(True, "--level-spread/--no-level-spread",
+                                      help="--no-level-spread: the --std map is the samples' std alone (the uptake "
+                                           "pattern's uncertainty, for PET read relative to its global mean)."),
     qc: Path = typer.Option(None, help="Write a PNG of orthogonal slices here (file; folder in batch mode)."),
     seed: int = typer.Option(0, help="Seed: identical seeds give identical outputs."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
@@ -242,7 +246,7 @@ def synthesize(
             raise InputError(f"{model}: this model was trained without side information; drop --side")
         jobs, batch = _batch_jobs(input_, output, tm.mri_columns, allow_outside_paths,
                                   tm.side, side_values)
-        opts = SynthesisOptions(temperature, samples, seed, overwrite, strict_qc)
+        opts = SynthesisOptions(temperature, samples, seed, overwrite, strict_qc, level_spread)
         if not batch:
             _, mri_paths, out_path, job_side = jobs[0]
             result = synthesize_file(tm, mri_paths, out_path, opts, dev, std, qc, warn=_warn, side=job_side)

@@ -51,7 +51,10 @@ class Preprocessing:
     voxels kept around the MRI foreground box; pet_normalization: ``global_mean`` (each
     training PET divided by its global mean, see ``global_mean``) or ``none``; pet_level:
     the global mean synthetic PETs are written at, in the training PETs' units (the median
-    over the training set; 1.0 without normalisation).
+    over the training set; 1.0 without normalisation); pet_level_moments: over the training
+    subjects' level ratios r (global mean / ``pet_level``), the mean of r² and of (r - 1)²,
+    which carry the spread of a level the MRI does not show into the uncertainty map
+    (``calibration.with_level_spread``); (1, 0) without normalisation.
     """
 
     spacing: tuple[float, float, float]
@@ -60,6 +63,7 @@ class Preprocessing:
     margin: int = 2
     pet_normalization: str = "none"
     pet_level: float = 1.0
+    pet_level_moments: tuple[float, float] = (1.0, 0.0)
 
     def to_dict(self) -> dict:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
@@ -68,7 +72,8 @@ class Preprocessing:
     def from_dict(cls, values: dict) -> "Preprocessing":
         return cls(tuple(float(s) for s in values["spacing"]), tuple(int(g) for g in values["grid"]),
                    float(values["pet_scale"]), int(values.get("margin", 2)),
-                   str(values.get("pet_normalization", "none")), float(values.get("pet_level", 1.0)))
+                   str(values.get("pet_normalization", "none")), float(values.get("pet_level", 1.0)),
+                   tuple(float(m) for m in values.get("pet_level_moments", (1.0, 0.0))))
 
 
 def is_foreground(image: torch.Tensor) -> torch.Tensor:
@@ -105,6 +110,15 @@ def global_region(pet: torch.Tensor) -> torch.Tensor:
     """SPM's global-mean region (``spm_global``): the voxels above 1/8 of the volume's mean (bool,
     same shape)."""
     return pet > pet.double().mean() / 8
+
+
+def level_summary(levels) -> tuple[float, tuple[float, float]]:
+    """The training PETs' global means -> ``pet_level`` (their median) and ``pet_level_moments``
+    (mean of r² and of (r - 1)² for r = global mean / ``pet_level``)."""
+    levels = np.asarray(levels, dtype=np.float64)
+    level = float(np.median(levels))
+    ratios = levels / level
+    return level, (float(np.mean(ratios**2)), float(np.mean((ratios - 1.0) ** 2)))
 
 
 def global_mean(pet: torch.Tensor) -> float:

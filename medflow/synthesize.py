@@ -16,6 +16,7 @@ import torch
 from monai.data import MetaTensor
 from monai.transforms import Compose, Invertd
 
+from medflow.calibration import with_level_spread
 from medflow.device import check_fits
 from medflow.errors import InputError, QCError, ResourceError
 from medflow.imageio import read_volume, write_volume
@@ -28,13 +29,16 @@ QC_Z_LIMIT = 4.0
 @dataclass
 class SynthesisOptions:
     """temperature: prior temperature T (0 = prior mean; None = the model's calibrated one,
-    ``TrainedModel.temperature``); samples: N draws averaged; seed: RNG seed."""
+    ``TrainedModel.temperature``); samples: N draws averaged; seed: RNG seed; level_spread:
+    the std map includes the spread of the training PETs' global levels
+    (``calibration.with_level_spread``), else it is the samples' std alone."""
 
     temperature: float | None = None
     samples: int = 4
     seed: int = 0
     overwrite: bool = False
     strict_qc: bool = False
+    level_spread: bool = True
 
     def temperature_for(self, tm: TrainedModel) -> float:
         """The temperature to sample ``tm`` at: the one asked for, else the model's."""
@@ -112,6 +116,8 @@ def synthesize_file(tm: TrainedModel, mri_paths: list[Path], out: Path, opts: Sy
     draws = pet_to_units(draws.float(), tm.prep)
     mean = to_native_grid(draws.mean(0), data, transform)
     std = to_native_grid(draws.std(0, unbiased=False), data, transform) if std_out else None
+    if std is not None and opts.level_spread:
+        std = with_level_spread(mean, std, tm.prep.pet_level_moments)
     reference = volumes[0]
     if mean.shape != reference.data.shape:
         raise InputError(f"{mri_paths[0]}: internal grid mismatch {mean.shape} vs {reference.data.shape}")

@@ -69,3 +69,21 @@ def test_temperature_falls_back_for_models_without_calibration():
     calibrated = TrainedModel(None, None, ["mri"], None, None, calibration={"temperature": 1.3})
     assert uncalibrated.temperature == DEFAULT_TEMPERATURE
     assert calibrated.temperature == 1.3
+
+
+def test_level_spread_is_the_rms_deviation_of_a_truth_at_an_unknown_level():
+    """Oracle: per voxel a pattern p ~ N(loc, scale) and, per subject, a level ratio r drawn from
+    a set of training ratios; the truth is L0 r p and the written mean L0 loc. The RMS deviation of
+    the truth from that mean, by Monte Carlo, matches ``with_level_spread`` of the pattern's std."""
+    rng = np.random.default_rng(0)
+    level, ratios = 1.3, np.array([0.8, 0.95, 1.0, 1.1, 1.25])
+    moments = (float(np.mean(ratios**2)), float(np.mean((ratios - 1) ** 2)))
+    loc, scale = rng.uniform(0.2, 2.0, 50), rng.uniform(0.05, 0.3, 50)
+    truth = level * rng.choice(ratios, (200_000, 1)) * (loc + scale * rng.standard_normal((200_000, 50)))
+    rms = np.sqrt(np.mean((truth - level * loc) ** 2, axis=0))
+    predicted = calibration.with_level_spread(level * loc, level * scale, moments)
+    assert predicted == pytest.approx(rms, rel=0.01)
+    assert np.all(predicted > level * scale)
+    assert calibration.with_level_spread(level * loc, level * scale, (1.0, 0.0)) == pytest.approx(level * scale)
+    as_tensor = calibration.with_level_spread(torch.tensor(level * loc), torch.tensor(level * scale), moments)
+    assert as_tensor.numpy() == pytest.approx(predicted)

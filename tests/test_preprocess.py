@@ -6,7 +6,15 @@ import torch
 from monai.data import MetaTensor
 
 from medflow.errors import InputError
-from medflow.preprocess import NormalizeGlobalMeand, Preprocessing, global_mean, grid_for, pet_to_units, stage1
+from medflow.preprocess import (
+    NormalizeGlobalMeand,
+    Preprocessing,
+    global_mean,
+    grid_for,
+    level_summary,
+    pet_to_units,
+    stage1,
+)
 
 
 def test_crop_box_follows_the_first_contrast_only():
@@ -45,9 +53,11 @@ def test_global_mean_normalisation_removes_the_level_and_records_it():
 
 def test_pet_units_follow_the_stored_level_and_old_configs_mean_no_normalisation():
     old = Preprocessing.from_dict({"spacing": [4, 4, 4], "grid": [8, 8, 8], "pet_scale": 3.0})
-    assert (old.pet_normalization, old.pet_level) == ("none", 1.0)
-    new = Preprocessing.from_dict({**old.to_dict(), "pet_normalization": "global_mean", "pet_level": 2.0})
+    assert (old.pet_normalization, old.pet_level, old.pet_level_moments) == ("none", 1.0, (1.0, 0.0))
+    new = Preprocessing.from_dict({**old.to_dict(), "pet_normalization": "global_mean", "pet_level": 2.0,
+                                   "pet_level_moments": [1.1, 0.05]})
     assert Preprocessing.from_dict(new.to_dict()) == new
+    assert new.pet_level_moments == (1.1, 0.05)
     model_space = torch.tensor([-0.5, 0.0, 0.5])
     assert torch.allclose(pet_to_units(model_space, old), torch.tensor([0.0, 1.5, 3.0]))
     assert torch.allclose(pet_to_units(model_space, new), torch.tensor([0.0, 3.0, 6.0]))
@@ -57,3 +67,10 @@ def test_grid_holds_every_box_at_the_minimum_in_multiples_of_the_divisor():
     assert grid_for([(30, 41, 20), (33, 40, 17)], 8) == (40, 48, 24)
     assert grid_for([(30, 41, 20), (33, 40, 17)], 8, minimum=32) == (40, 48, 32)
     assert grid_for([(10, 10, 10)], 16, minimum=32) == (32, 32, 32)
+
+
+def test_level_summary_is_the_median_and_the_moments_of_the_ratios_to_it():
+    level, moments = level_summary([1.0, 4.0, 2.0])
+    assert level == 2.0
+    assert moments == pytest.approx(((0.25 + 1.0 + 4.0) / 3, (0.25 + 0.0 + 1.0) / 3))
+    assert level_summary([3.0, 3.0]) == (3.0, (1.0, 0.0))

@@ -60,6 +60,29 @@ def test_output_is_on_the_input_grid(trained, tmp_path):
     assert qc.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_std_map_adds_the_training_spread_of_global_level(trained, tmp_path):
+    """--std widens the samples' std (--no-level-spread) by the training PETs' spread of global
+    level recorded in config.json, exactly as ``calibration.with_level_spread`` says; the mean
+    does not change."""
+    from medflow.calibration import with_level_spread
+
+    run, pairs = trained
+    mri = pairs / "sub-00_t1.nii.gz"
+    maps = {}
+    for flag in ("--level-spread", "--no-level-spread"):
+        out, std = tmp_path / f"{flag}_pet.nii.gz", tmp_path / f"{flag}_std.nii.gz"
+        result = cli("synthesize", mri, out, "--model", run, "--std", std, "--samples", "4", "--temperature", "0.8",
+                     flag)
+        assert result.exit_code == 0, result.stderr
+        maps[flag] = nib.load(out).get_fdata(), nib.load(std).get_fdata()
+    (mean, std), (same_mean, pattern) = maps["--level-spread"], maps["--no-level-spread"]
+    moments = tuple(json.loads((run / "config.json").read_text())["preprocessing"]["pet_level_moments"])
+    assert moments[1] > 0
+    assert np.array_equal(mean, same_mean)
+    assert std == pytest.approx(with_level_spread(mean, pattern, moments), rel=1e-5, abs=1e-6)
+    assert np.abs(std - pattern).max() > 0.01 * pattern.max()
+
+
 def test_same_seed_same_output_other_seed_differs(trained, tmp_path):
     run, pairs = trained
     mri = pairs / "sub-00_t1.nii.gz"

@@ -189,11 +189,14 @@ def test_pet_normalisation_is_recorded_and_sets_the_output_level(pairs, tmp_path
         prep = load_trained(out, torch.device("cpu")).prep
         assert prep.pet_normalization == choice
         if choice == "none":
-            assert prep.pet_level == 1.0
+            assert (prep.pet_level, prep.pet_level_moments) == (1.0, (1.0, 0.0))
             continue
         crop = stage1((6.0, 6.0, 6.0), 2)
         levels = [global_mean(crop({"mri": [str(s.mri[0])], "pet": [str(s.pet)]})["pet"]) for s in subjects]
         assert prep.pet_level == pytest.approx(float(np.median(levels)), rel=1e-5)
+        ratios = np.array(levels) / np.median(levels)
+        assert prep.pet_level_moments == pytest.approx((np.mean(ratios**2), np.mean((ratios - 1) ** 2)), rel=1e-4)
+        assert prep.pet_level_moments[1] > 0
     result = run_cli("train", pairs, "--out", tmp_path / "bad", *TRAIN_ARGS, "--pet-normalization", "suvr")
     assert result.returncode != 0 and "PET normalisation must be one of global_mean, none" in result.stderr
     assert "Traceback" not in result.stderr
