@@ -725,6 +725,20 @@ def seed_rows(results: list[dict], unet_name: str = UNET) -> list[list[str]]:
     return rows
 
 
+def seed_coverage_rows(results: list[dict]) -> list[list[str]]:
+    """Per seed: the calibrated temperature and the coverage (%) of mean ± 1.645 std at it for
+    each of ``CALIBRATION_TRUTHS``, means over the test subjects; then mean ± SD over seeds."""
+    rows, columns = [], [[] for _ in CALIBRATION_TRUTHS]
+    for r in results:
+        _, temperature, _ = next(iter(r["coverage"]))  # keys (truth, T, z), the default T first
+        cells = [str(r["seed"]), f"{temperature:.2f}"]
+        for truth, column in zip(CALIBRATION_TRUTHS, columns):
+            column.append(100 * statistics.mean(r["coverage"][(truth, temperature, COVERAGE_Z)]))
+            cells.append(f"{column[-1]:.1f}")
+        rows.append(cells)
+    return rows + [["all", ""] + [mean_sd(column, 1) for column in columns]]
+
+
 def seeds_markdown(results: list[dict]) -> str:
     return f"""### Over {len(results)} seeds
 
@@ -742,6 +756,12 @@ same batches and learning-rate schedule): which model learns more per update, ap
 cost of an update.
 
 {md_table(SEED_HEADERS, seed_rows(results, UNET_SAME_STEPS))}
+
+Calibration per seed: percentage of brain-mask voxels within mean ± {COVERAGE_Z} std of the
+{results[0]['samples']} samples at the calibrated temperature, as in section 3 (ideal
+{100 * ideal_coverage(COVERAGE_Z, results[0]['samples']):.1f} %).
+
+{md_table(["seed", "T"] + [f"coverage (%): {truth}" for truth in CALIBRATION_TRUTHS], seed_coverage_rows(results))}
 """
 
 

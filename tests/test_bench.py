@@ -97,7 +97,7 @@ def test_quality_markdown_and_level_matching():
     metrics = {"psnr": 20.0, "ssim": 0.8, "nmse": 0.05, "mae": 0.1}
     result = {"scores": {"U-Net": [metrics, metrics]},
               "level_matched": {"U-Net": [{**metrics, "psnr": 21.0}, {**metrics, "psnr": 23.0}]},
-              "coverage": {("true PET", 0.5, 1.645): [0.8, 0.9]},
+              "coverage": {(bench.CALIBRATION_TRUTHS[0], 0.5, 1.645): [0.8, 0.9]},
               "samples": 8, "calibration": {"temperature": 1.25, "subjects": 2, "z": 1.645, "samples": 16,
                                             "target": 0.86, "coverage": 0.855},
               "budget_s": 60.0,
@@ -106,7 +106,7 @@ def test_quality_markdown_and_level_matching():
     text = bench.quality_markdown(result)
     assert "seed 0)" in text
     assert "| U-Net | 20.00 ± 0.00 | 0.800 ± 0.000 |" in text and "| U-Net | 22.00 ± 1.41 | 0.800 ± 0.000 |" in text
-    assert "| true PET | 0.5 | mean ± 1.645 std | 82.5 | 85.0 ± 7.1 |" in text
+    assert f"| {bench.CALIBRATION_TRUTHS[0]} | 0.5 | mean ± 1.645 std | 82.5 | 85.0 ± 7.1 |" in text
     assert "The calibrated temperature T = 1.25" in text and "reached 85.5 %" in text
     assert "no validation subjects" in bench.calibration_text(None)
     truth = np.zeros((8, 8, 8))
@@ -126,8 +126,11 @@ def test_seed_rows_compare_medflow_with_the_unet_per_seed_and_over_seeds():
                     "medflow, mean of 16 samples": [{"psnr": flow_psnr + 2 * shift, "ssim": 0.9}] * 2,
                     "medflow, T=0 (prior mean)": [{"psnr": 0.0, "ssim": 0.0}] * 2}
 
+        truth, matched = bench.CALIBRATION_TRUTHS
+        coverage = {(truth, 1.2, 1.645): [0.8, 0.9 + seed / 10], (matched, 1.2, 1.645): [0.9, 0.9],
+                    (truth, 1.2, 1.86): [1.0, 1.0], (truth, 0.5, 1.645): [0.0, 0.0]}
         return {"seed": seed, "flow_steps": 10, "unet_steps": 8, "calibration": {"temperature": 1.2}, "samples": 16,
-                "scores": scores(0.0), "level_matched": scores(1.0)}
+                "scores": scores(0.0), "level_matched": scores(1.0), "coverage": coverage}
 
     rows = bench.seed_rows([result(0, 20.0, 20.5), result(1, 21.0, 20.5)])
     assert rows[0] == ["0", "10 / 8", "1.20", "20.00", "20.50", "+0.50", "0.800", "0.900", "+0.100",
@@ -139,6 +142,10 @@ def test_seed_rows_compare_medflow_with_the_unet_per_seed_and_over_seeds():
     assert same_steps[0][:9] == ["0", "10 / 10", "1.20", "19.00", "20.50", "+1.50", "0.700", "0.900", "+0.200"]
     text = bench.seeds_markdown([result(0, 20.0, 20.5), result(1, 21.0, 20.5)])
     assert "seeds 0 to 1" in text and "| 0 | 10 / 8 |" in text and "| 0 | 10 / 10 |" in text
+    coverage = bench.seed_coverage_rows([result(0, 20.0, 20.5), result(1, 21.0, 20.5)])
+    assert coverage == [["0", "1.20", "85.0", "90.0"], ["1", "1.20", "90.0", "90.0"],
+                        ["all", "", "87.5 ± 3.5", "90.0 ± 0.0"]]
+    assert "| 1 | 1.20 | 90.0 | 90.0 |" in text
 
 
 def test_quality_run_end_to_end_on_a_tiny_cohort():
