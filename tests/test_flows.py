@@ -242,15 +242,22 @@ def test_injector_recompute_keeps_fewer_bytes_for_backward_and_gives_the_same_gr
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(grads[False], grads[True]))
 
 
-def test_unet_injector_is_the_identity_at_init_then_inverts_with_its_jacobian_log_det():
-    """The U-Net injector on a 32^3 grid, float64. Its Jacobian in x is diagonal (mu and log_s come
-    from the condition alone), so the gradient of sum(y) is that diagonal: the oracle of the log-det."""
+def test_unet_injector_starts_as_a_shift_whose_whole_net_learns_then_inverts_with_its_jacobian_log_det():
+    """The U-Net injector on a 32^3 grid, float64. At init log_s is zero (no log-det) and mu a
+    non-constant function of the condition whose first layer already has a gradient; y = x - mu.
+    Its Jacobian in x is diagonal (mu and log_s come from the condition alone), so the gradient of
+    sum(y) is that diagonal: the oracle of the log-det."""
     torch.manual_seed(0)
     injector = ConditionalAffine(1, 2, 4, net="unet").double()
     x = torch.randn(2, 1, 32, 32, 32, dtype=torch.float64, requires_grad=True)
     cond = torch.randn(2, 2, 32, 32, 32, dtype=torch.float64)
+    mu, log_s = injector.params(cond)
+    assert torch.equal(log_s, torch.zeros_like(log_s)) and mu.std() > 0
     y, logdet = injector(x, cond)
-    assert torch.equal(y, x) and torch.equal(logdet, torch.zeros(2, dtype=torch.float64))
+    assert torch.equal(y, x - mu) and torch.equal(logdet, torch.zeros(2, dtype=torch.float64))
+    (y.square().sum()).backward()
+    first = next(p for p in injector.net.parameters() if p.dim() == 5)
+    assert first.grad is not None and first.grad.abs().max() > 0
     perturb(injector, scale=0.05)
     y, logdet = injector(x, cond)
     diagonal, = torch.autograd.grad(y.sum(), x)

@@ -60,19 +60,23 @@ def unet_with_medflow_layers(net: nn.Module) -> nn.Module:
 
 
 def injector_subnet(kind: str, in_channels: int, hidden: int, out_channels: int) -> nn.Module:
-    """The injector's net, last layer zero. ``conv``: the coupling subnet (3x3x3 -> 1x1x1 -> 3x3x3,
-    5 voxels across its receptive field). ``unet``: MONAI's ``BasicUNet`` with features
-    (h, h, 2h, 4h, 8h, h) for h = ``hidden``, four 2x poolings, so ``mu`` can follow regional
-    patterns across the volume; every axis needs at least ``UNET_MIN_AXIS`` voxels. It runs with
-    ``unet_with_medflow_layers``."""
+    """The injector's net, its ``out_channels`` the mean's then the log-scale's (equal halves).
+    ``conv``: the coupling subnet (3x3x3 -> 1x1x1 -> 3x3x3, 5 voxels across its receptive field),
+    last layer zero. ``unet``: MONAI's ``BasicUNet`` with features (h, h, 2h, 4h, 8h, h) for h =
+    ``hidden``, four 2x poolings, so ``mu`` can follow regional patterns across the volume; every
+    axis needs at least ``UNET_MIN_AXIS`` voxels. It runs with ``unet_with_medflow_layers``; its
+    last layer keeps PyTorch's initialisation for the mean, as the regression U-Net it is would
+    start, so every layer of the mean's net learns from the first step (zero weights there would
+    leave the layers below without a gradient until they grow), and is zero for the log-scale."""
     if kind == "conv":
         return coupling_subnet(in_channels, hidden, out_channels)
     from monai.networks.nets import BasicUNet
 
     features = (hidden, hidden, 2 * hidden, 4 * hidden, 8 * hidden, hidden)
     net = unet_with_medflow_layers(BasicUNet(3, in_channels, out_channels, features=features))
-    nn.init.zeros_(net.final_conv.weight)
-    nn.init.zeros_(net.final_conv.bias)
+    with torch.no_grad():
+        net.final_conv.weight[out_channels // 2 :].zero_()
+        net.final_conv.bias[out_channels // 2 :].zero_()
     return net
 
 
@@ -81,9 +85,10 @@ class ConditionalAffine(InvertibleModule):
 
     ``mu`` and ``log_s`` (soft-clamped) come from a 3D conv net (``injector_subnet``) on the
     condition alone, so the map is invertible for any x; log|det dy/dx| = -sum(log_s).
-    The net's last layer starts at zero: the transform starts as the identity. In a
-    conditional flow, ``mu`` becomes an estimate of x from c and the rest of the flow
-    models the residual. With ``recompute`` the net's activations are not kept for the
+    ``log_s`` starts at zero, and so does ``mu`` with the ``conv`` net (the transform starts as the
+    identity); with the ``unet`` net ``mu`` starts as a random function of c (see
+    ``injector_subnet``). In a conditional flow, ``mu`` becomes an estimate of x from c and the
+    rest of the flow models the residual. With ``recompute`` the net's activations are not kept for the
     backward pass but recomputed from ``c`` (``torch.utils.checkpoint``).
 
     ``mean_beta``: the gradient that reaches ``mu`` is multiplied by sigma^(2 beta), sigma =
