@@ -309,7 +309,10 @@ def level_matched(ref, pred, mask):
     return ref * (pred[mask].mean() / ref[mask].mean())
 
 
-CALIBRATION_TRUTHS = ("true PET; std with the level's spread", "true PET at the synthesis's brain mean; std of the samples")
+CALIBRATION_TRUTHS = ("true PET; std with the level's spread",
+                      "true PET at the synthesis's brain mean; std of the samples")
+
+
 def medflow_variants(tm) -> dict[str, tuple[float, int]]:
     """name: (temperature, samples), at the temperature ``medflow synthesize`` uses by default
     (``TrainedModel.temperature``: calibrated on the validation subjects, else 0.5) and at 0.5;

@@ -88,8 +88,8 @@ class ConditionalAffine(InvertibleModule):
     ``log_s`` starts at zero, and so does ``mu`` with the ``conv`` net (the transform starts as the
     identity); with the ``unet`` net ``mu`` starts as a random function of c (see
     ``injector_subnet``). In a conditional flow, ``mu`` becomes an estimate of x from c and the
-    rest of the flow models the residual. With ``recompute`` the net's activations are not kept for the
-    backward pass but recomputed from ``c`` (``torch.utils.checkpoint``).
+    rest of the flow models the residual. With ``recompute`` the net's activations are not kept
+    for the backward pass but recomputed from ``c`` (``torch.utils.checkpoint``).
 
     ``mean_beta``: the gradient that reaches ``mu`` is multiplied by sigma^(2 beta), sigma =
     exp(log_s), held constant (beta-NLL, Seitzer et al., ICLR 2022). For a Gaussian residual the
