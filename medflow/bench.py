@@ -368,7 +368,7 @@ def score_test_subjects(tm, unets: dict, subjects, folder: Path, device: torch.d
                     for z in coverage_zs(samples):
                         calibration[(truth, temperature, z)].append(coverage(mean, spread, values, mask, z))
     return {"scores": scores, "level_matched": matched, "coverage": calibration, "samples": CALIBRATION_SAMPLES,
-            "calibration": tm.calibration}
+            "calibration": tm.calibration, "temperature": tm.temperature}
 
 
 def quality_run(data_csv: Path, work: Path, steps: int, seed: int, device: torch.device) -> dict:
@@ -733,7 +733,7 @@ def seed_coverage_rows(results: list[dict]) -> list[list[str]]:
     each of ``CALIBRATION_TRUTHS``, means over the test subjects; then mean ± SD over seeds."""
     rows, columns = [], [[] for _ in CALIBRATION_TRUTHS]
     for r in results:
-        _, temperature, _ = next(iter(r["coverage"]))  # keys (truth, T, z), the default T first
+        temperature = r["temperature"]
         cells = [str(r["seed"]), f"{temperature:.2f}"]
         for truth, column in zip(CALIBRATION_TRUTHS, columns):
             column.append(100 * statistics.mean(r["coverage"][(truth, temperature, COVERAGE_Z)]))

@@ -267,10 +267,10 @@ class Trainer:
             pet_scale = float(np.median([robust_max(item["pet"]) for item in self.train_cache]))
             if not pet_scale > 0:
                 raise InputError(f"{s['data']}: training PET has no positive signal")
-            level, moments = (level_summary([item["pet_global"] for item in self.train_cache])
-                              if normalization != "none" else (1.0, (1.0, 0.0)))
-            self.prep = Preprocessing(tuple(s["spacing"]), grid, pet_scale, pet_normalization=normalization,
-                                      pet_level=level, pet_level_moments=moments)
+            self.prep = Preprocessing(tuple(s["spacing"]), grid, pet_scale, pet_normalization=normalization)
+            if normalization != "none":
+                self.prep.pet_level, self.prep.pet_level_moments = level_summary(
+                    [item["pet_global"] for item in self.train_cache])
             s["preprocessing"] = self.prep.to_dict()
         model = s["model"]
         per_voxel = 1 if self.opts.recompute else 2 * sum(model["steps"])

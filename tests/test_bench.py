@@ -130,7 +130,7 @@ def test_seed_rows_compare_medflow_with_the_unet_per_seed_and_over_seeds():
         coverage = {(truth, 1.2, 1.645): [0.8, 0.9 + seed / 10], (matched, 1.2, 1.645): [0.9, 0.9],
                     (truth, 1.2, 1.86): [1.0, 1.0], (truth, 0.5, 1.645): [0.0, 0.0]}
         return {"seed": seed, "flow_steps": 10, "unet_steps": 8, "calibration": {"temperature": 1.2}, "samples": 16,
-                "scores": scores(0.0), "level_matched": scores(1.0), "coverage": coverage}
+                "temperature": 1.2, "scores": scores(0.0), "level_matched": scores(1.0), "coverage": coverage}
 
     rows = bench.seed_rows([result(0, 20.0, 20.5), result(1, 21.0, 20.5)])
     assert rows[0] == ["0", "10 / 8", "1.20", "20.00", "20.50", "+0.50", "0.800", "0.900", "+0.100",
