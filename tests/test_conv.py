@@ -1,4 +1,5 @@
-"""medflow's oneDNN 3D convolution against torch.nn.Conv3d: values, gradients, and when it applies."""
+"""medflow's 3D convolution (oneDNN, patch product) against torch.nn.Conv3d: values, gradients, and when
+each route applies."""
 
 import pytest
 import torch
@@ -38,6 +39,39 @@ def test_onednn_conv_matches_torch_conv_and_its_gradients(k, shape, bias, channe
     assert (x_ours.grad is None) == (not input_grad)
     if input_grad:
         assert torch.allclose(x_ours.grad, x_ref.grad, atol=1e-4)
+
+
+@pytest.mark.parametrize("cin,cout,k,spatial,bias", [
+    (64, 512, 3, (2, 2, 2), True),
+    (5, 70, 3, (3, 4, 5), False),
+    (6, 40, 1, (2, 3, 4), True),
+])
+def test_patch_product_matches_torch_conv_and_keeps_the_weight_layout(cin, cout, k, spatial, bias):
+    ours, ref = pair(cin, cout, k, bias, channels_last=True)
+    x = torch.randn(1, cin, *spatial)
+    x_ours, x_ref = x.to(memory_format=CL).requires_grad_(), x.clone().requires_grad_()
+    assert ours._runs_as_patch_product(x_ours) and not ours._runs_on_onednn(x_ours)
+    y, y_ref = ours(x_ours), ref(x_ref)
+    grad = torch.randn_like(y_ref)
+    y.backward(grad)
+    y_ref.backward(grad)
+    assert torch.allclose(y, y_ref, atol=1e-5)
+    assert torch.allclose(ours.weight.grad, ref.weight.grad, rtol=1e-4, atol=1e-4)
+    assert ours.weight.grad.is_contiguous(memory_format=CL)
+    if bias:
+        assert torch.allclose(ours.bias.grad, ref.bias.grad, rtol=1e-4, atol=1e-4)
+    assert torch.allclose(x_ours.grad, x_ref.grad, atol=1e-4)
+
+
+def test_patch_product_only_for_channels_last_weights_larger_than_the_patches():
+    conv = Conv3d(8, 64, 3, padding=1)
+    small = torch.randn(1, 8, 2, 4, 4)
+    assert not conv._runs_as_patch_product(small)
+    conv = conv.to(memory_format=CL)
+    assert conv._runs_as_patch_product(small)
+    assert not conv._runs_as_patch_product(torch.randn(1, 8, 4, 4, 4))
+    assert not conv._runs_as_patch_product(torch.randn(2, 8, 2, 4, 4))
+    assert not Conv3d(8, 64, 3, stride=2, padding=1).to(memory_format=CL)._runs_as_patch_product(small)
 
 
 def test_other_convolutions_use_torch_conv():

@@ -1,4 +1,4 @@
-"""3D convolution that keeps batch-1 CPU training on oneDNN (forward and backward).
+"""3D convolution that keeps batch-1 CPU training off PyTorch's slowest paths (forward and backward).
 
 PyTorch sends a CPU float32 convolution with batch 1 to its im2col path whenever
 channels x depth x height (the width is not counted) is at most 20480, a rule written for
@@ -10,6 +10,11 @@ output gradient (batch and channel axes swapped). It does so only where the inpu
 least as many voxels as the weight has values per input channel, because this route's
 backward copies a flipped weight and convolves over the whole volume: work that grows with
 the weight, which at a flow's top levels (a few voxels, large weights) is most of it.
+Where PyTorch would use im2col and the weight has more values than the patch columns (more
+output channels than voxels: a flow's top levels), a channels-last weight is not copied to the
+contiguous layout that im2col reads, as PyTorch does three times per training step, which at a
+width-512 subnet is most of the convolution's time: ``Conv3d`` multiplies the patches, ordered
+like that weight, by the weight in place (autograd differentiates the product).
 BENCHMARKS.md (section 1) times medflow's batch-1 training step against the FrEIA peer's,
 whose subnets use ``torch.nn.Conv3d``. Values equal ``torch.nn.Conv3d``'s up to float
 rounding; every other case (other devices, dtypes, autocast, batches > 1, inputs PyTorch
@@ -20,6 +25,7 @@ already sends to oneDNN, convolutions that are not stride-1 "same" convolutions,
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 CHANNELS_LAST = torch.channels_last_3d
@@ -55,6 +61,20 @@ class _OneDnnSameConv3d(torch.autograd.Function):
         return grad_x, grad_weight, grad_bias, None
 
 
+def _patch_product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, padding) -> torch.Tensor:
+    """y = conv3d(x, weight, bias), stride 1, "same" padding, as one matrix product of the input's
+    patches, ordered (kd, kh, kw, C) like a channels-last weight, with that weight read in place.
+    x [B, C, D, H, W] -> y [B, O, D, H, W] (channels-last strides)."""
+    b, _, d, h, w = x.shape
+    k = weight.shape[2:]
+    pd, ph, pw = padding
+    patches = F.pad(x, (pw, pw, ph, ph, pd, pd)).unfold(2, k[0], 1).unfold(3, k[1], 1).unfold(4, k[2], 1)
+    columns = patches.permute(0, 2, 3, 4, 5, 6, 7, 1).reshape(b, d * h * w, -1)
+    matrix = weight.permute(0, 2, 3, 4, 1).reshape(weight.shape[0], -1)
+    y = columns @ matrix.T if bias is None else torch.addmm(bias, columns.flatten(0, 1), matrix.T)
+    return y.view(b, d, h, w, -1).permute(0, 4, 1, 2, 3)
+
+
 class Conv3d(nn.Conv3d):
     """``torch.nn.Conv3d`` whose batch-1 CPU float32 "same" convolutions that PyTorch would run
     with im2col run on oneDNN."""
@@ -74,15 +94,24 @@ class Conv3d(nn.Conv3d):
         ours.load_state_dict(conv.state_dict())
         return ours
 
-    def _runs_on_onednn(self, x: torch.Tensor) -> bool:
+    def _on_im2col(self, x: torch.Tensor) -> bool:
+        """Whether PyTorch would run this convolution with im2col (batch-1 CPU float32 "same")."""
         return (self.same_size and not torch.compiler.is_compiling() and x.device.type == "cpu"
                 and x.shape[0] == 1 and x.dtype == torch.float32
                 and x.shape[1] * x.shape[2] * x.shape[3] <= IM2COL_MAX
-                and x.shape[2] * x.shape[3] * x.shape[4] >= self.weight[:, 0].numel()
-                and self.weight.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
+                and self.weight.dtype == torch.float32 and not torch.is_autocast_enabled("cpu"))
+
+    def _runs_on_onednn(self, x: torch.Tensor) -> bool:
+        return (self._on_im2col(x) and x.shape[2] * x.shape[3] * x.shape[4] >= self.weight[:, 0].numel()
                 and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled)
+
+    def _runs_as_patch_product(self, x: torch.Tensor) -> bool:
+        return (self._on_im2col(x) and self.out_channels > x.shape[2] * x.shape[3] * x.shape[4]
+                and self.weight.is_contiguous(memory_format=CHANNELS_LAST))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._runs_on_onednn(x):
             return _OneDnnSameConv3d.apply(x, self.weight, self.bias, self.padding)
+        if self._runs_as_patch_product(x):
+            return _patch_product(x, self.weight, self.bias, self.padding)
         return super().forward(x)
