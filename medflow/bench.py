@@ -496,9 +496,12 @@ conditioning of the PET couplings and the affine injector on the PET input
 
 - Convolutions in the coupling subnets. medflow: `medflow.flows.conv.Conv3d`, which runs the
   batch-1 CPU convolutions PyTorch would send to its im2col path on oneDNN (forward and
-  backward). Peer: plain `torch.nn.Conv3d`, as a FrEIA user writes them. The priors and the
-  injector are medflow's modules in both, so they use medflow's convolution in both. On a GPU,
-  and for batches above 1, the two convolutions are the same code.
+  backward), or, where the weight has more output channels than the input has voxels (the top
+  levels), as one product of the input's patches with the channels-last weight read in place
+  (PyTorch's im2col copies that weight to the contiguous layout three times per step). Peer:
+  plain `torch.nn.Conv3d`, as a FrEIA user writes them. The priors and the injector are
+  medflow's modules in both, so they use medflow's convolution in both. On a GPU, and for
+  batches above 1, the two convolutions are the same code.
 
 - Flow step. medflow: ActNorm -> invertible 1x1x1 convolution with a learned LU-parametrised
   matrix (applied factor by factor where a batch has fewer voxels than channels) -> affine
