@@ -77,7 +77,8 @@ def _patch_product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
 
 class Conv3d(nn.Conv3d):
     """``torch.nn.Conv3d`` whose batch-1 CPU float32 "same" convolutions that PyTorch would run
-    with im2col run on oneDNN."""
+    with im2col run on oneDNN, or, with more output channels than input voxels and a
+    channels-last weight, as a product of the input's patches with the weight in place."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
