@@ -363,12 +363,18 @@ def test_overrides_and_bad_options():
             DualGlow.from_preset("tiny", **{option: value})
 
 
-def test_cpu_placement_is_channels_last_and_changes_no_number():
+@pytest.mark.parametrize("batch", [4, 1])
+def test_cpu_placement_is_channels_last_and_changes_no_number(batch, monkeypatch):
     """``place_model`` stores 5-D weights channels-last on CPU; log p, gradients and samples match
-    the default layout's to float32 rounding, and the state dict loads into a plain model."""
+    the default layout's to float32 rounding, and the state dict loads into a plain model. At
+    batch 1 the top level's subnets (2³ voxels, more channels) run as patch products."""
     from medflow.device import place_model
+    from medflow.flows import conv as conv_module
 
+    patch_product, patch_calls = conv_module._patch_product, []
+    monkeypatch.setattr(conv_module, "_patch_product", lambda *args: patch_calls.append(1) or patch_product(*args))
     model, mri, pet = trained_tiny(injector_width=4)
+    mri, pet = mri[:batch], pet[:batch]
     placed = place_model(copy.deepcopy(model), torch.device("cpu"))
     conv = next(m for m in placed.modules() if isinstance(m, torch.nn.Conv3d))
     assert conv.weight.is_contiguous(memory_format=torch.channels_last_3d)
@@ -385,3 +391,4 @@ def test_cpu_placement_is_channels_last_and_changes_no_number():
     plain = DualGlow.from_preset("tiny", injector_width=4)
     plain.load_state_dict(placed.state_dict())
     assert torch.allclose(plain.log_prob(pet, mri)["pet"], model.log_prob(pet, mri)["pet"], rtol=1e-5, atol=1e-3)
+    assert bool(patch_calls) == (batch == 1)
