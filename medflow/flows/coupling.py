@@ -58,11 +58,24 @@ class AffineCoupling(InvertibleModule):
         raw_s, t = out[:, 0::2], out[:, 1::2]
         return soft_clamp(raw_s, self.clamp), t
 
+    @staticmethod
+    def _couple(xa, xb, log_s, t):
+        return torch.cat([xa, xb * torch.exp(log_s) + t], dim=1), log_s.flatten(1).sum(1)
+
     def forward(self, x, cond=None):
         xa, xb = x[:, : self.split], x[:, self.split :]
+        return self._couple(xa, xb, *self._scale_shift(xa, cond))
+
+    def rebuild(self, y, cond=None):
+        """For the memory-saving backward (``recompute.rebuild``): x = inverse(y) and the forward
+        pass from leaves [x_a, x_b] with autograd on, from one subnet evaluation: x_a = y_a needs
+        none, and the subnet's (s, t) at x_a give x_b and, differentiably, y_b."""
+        xa = y[:, : self.split].detach().requires_grad_(True)
         log_s, t = self._scale_shift(xa, cond)
-        yb = xb * torch.exp(log_s) + t
-        return torch.cat([xa, yb], dim=1), log_s.flatten(1).sum(1)
+        with torch.no_grad():
+            xb = ((y[:, self.split :] - t) * torch.exp(-log_s)).requires_grad_(True)
+        y_again, logdet = self._couple(xa, xb, log_s, t)
+        return torch.cat([xa, xb], dim=1).detach(), [xa, xb], y_again, logdet
 
     def inverse(self, y, cond=None):
         ya, yb = y[:, : self.split], y[:, self.split :]

@@ -27,6 +27,11 @@ class FlowStep(InvertibleModule):
         self.invconv = InvConv1x1x1(channels)
         self.coupling = AffineCoupling(channels, hidden, cond_channels, clamp)
 
+    @property
+    def parts(self) -> tuple[InvertibleModule, InvertibleModule, InvertibleModule]:
+        """The three transforms in order (the memory-saving backward rebuilds them one by one)."""
+        return self.actnorm, self.invconv, self.coupling
+
     def forward(self, x, cond=None):
         x, ld1 = self.actnorm(x)
         x, ld2 = self.invconv(x)

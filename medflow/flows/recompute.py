@@ -3,7 +3,10 @@
 The forward pass runs without building an autograd graph and keeps only the chain's
 output. The backward pass rebuilds each step's input by inverting its output, re-runs
 that one step with autograd on and back-propagates through it, so activation memory no
-longer grows with the number of steps.
+longer grows with the number of steps. A step with ``parts`` (``FlowStep``: actnorm, 1x1x1
+conv, coupling) is rebuilt part by part, and a part with a ``rebuild`` method (the affine
+coupling) rebuilds its input and its forward pass from one subnet evaluation instead of one
+for the inverse and one for the forward.
 """
 
 from __future__ import annotations
@@ -19,6 +22,20 @@ def run_chain(steps: nn.ModuleList, x: torch.Tensor, cond: torch.Tensor | None):
         x, ld = step(x, cond)
         logdet = logdet + ld
     return x, logdet
+
+
+def rebuild(module: nn.Module, y: torch.Tensor, cond: torch.Tensor | None):
+    """``module``'s input x from its output y, and its forward pass from x with autograd on:
+    ``(x, leaves, y_again, logdet)``, x detached, ``leaves`` tensors that require grad and whose
+    concatenation over channels is x, ``y_again`` and ``logdet`` [B] functions of the leaves, the
+    module's parameters and ``cond``. Uses ``module.rebuild`` where there is one."""
+    if hasattr(module, "rebuild"):
+        return module.rebuild(y, cond)
+    with torch.no_grad():
+        x = module.inverse(y, cond)
+    leaf = x.detach().requires_grad_(True)
+    y_again, logdet = module(leaf, cond)
+    return leaf.detach(), [leaf], y_again, logdet
 
 
 class _RecomputeChain(torch.autograd.Function):
@@ -40,23 +57,22 @@ class _RecomputeChain(torch.autograd.Function):
         param_grads: dict[int, torch.Tensor] = {}
         grad_cond = None
         y = y.detach()
-        for step in reversed(steps):
-            with torch.no_grad():
-                x = step.inverse(y, cond)
+        parts = [part for step in steps for part in getattr(step, "parts", (step,))]
+        for part in reversed(parts):
             with torch.enable_grad():
-                x = x.detach().requires_grad_(True)
                 c = cond.detach().requires_grad_(True) if want_cond else cond
-                y_step, ld_step = step(x, c)
-                params = [p for p in step.parameters() if p.requires_grad]
-                inputs = [x] + params + ([c] if want_cond else [])
-                grads = torch.autograd.grad((y_step, ld_step), inputs, (grad_y, grad_logdet), allow_unused=True)
-            grad_y = grads[0]
-            for p, g in zip(params, grads[1 : 1 + len(params)]):
+                x, leaves, y_part, ld_part = rebuild(part, y, c)
+                params = [p for p in part.parameters() if p.requires_grad]
+                inputs = leaves + params + ([c] if want_cond else [])
+                grads = torch.autograd.grad((y_part, ld_part), inputs, (grad_y, grad_logdet), allow_unused=True)
+            n = len(leaves)
+            grad_y = torch.cat(grads[:n], dim=1) if n > 1 else grads[0]
+            for p, g in zip(params, grads[n : n + len(params)]):
                 if g is not None:
                     param_grads[id(p)] = param_grads[id(p)] + g if id(p) in param_grads else g
             if want_cond and grads[-1] is not None:
                 grad_cond = grads[-1] if grad_cond is None else grad_cond + grads[-1]
-            y = x.detach()
+            y = x
         all_params = [p for p in steps.parameters()]
         return (None, grad_cond, grad_y, *[param_grads.get(id(p)) for p in all_params])
 
