@@ -514,7 +514,8 @@ conditioning of the PET couplings and the affine injector on the PET input
 - Squeeze: both move each 2x2x2 block into channels; the peer's is an `Fm.InvertibleModule`
   written for it, since FrEIA's downsampling modules are 2D only.
 - Backward: the peer keeps every activation (FrEIA has no memory-saving backward); medflow's
-  memory-saving backward (`set_recompute(True)`) rebuilds each step's input from its output.
+  memory-saving backward (`set_recompute(True)`) rebuilds each step's input from its output,
+  the coupling's from one evaluation of its subnet.
 - Graph: the peer runs one FrEIA `SequenceINN` per level, built for one fixed volume size."""
 
 
