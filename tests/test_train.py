@@ -1,5 +1,6 @@
 """medflow train end to end: resume after SIGKILL equals an uninterrupted run, DDP, safety."""
 
+import csv
 import hashlib
 import os
 import pickle
@@ -69,6 +70,24 @@ def test_sigkill_then_resume_equals_uninterrupted_run(pairs, tmp_path):
     assert a.keys() == b.keys()
     for key in a:
         assert torch.allclose(a[key].float(), b[key].float(), atol=1e-6), key
+
+
+def test_memory_saving_training_follows_the_plain_run(pairs, tmp_path):
+    """``medflow train --memory-saving`` takes the plain run's steps: the same losses and gradient
+    norms at every step and the same final weights, up to float rounding."""
+    logs = {}
+    for name, extra in (("plain", []), ("saving", ["--memory-saving"])):
+        done = run_cli("train", pairs, "--out", tmp_path / name, *TRAIN_ARGS, *extra)
+        assert done.returncode == 0, done.stderr
+        with (tmp_path / name / "metrics.csv").open() as f:
+            logs[name] = [(float(row["loss"]), float(row["grad_norm"])) for row in csv.DictReader(f)]
+    assert len(logs["plain"]) == len(logs["saving"]) == 8
+    assert logs["plain"][0][0] == logs["saving"][0][0]  # the first forward pass is the same arithmetic
+    for plain, saving in zip(logs["plain"], logs["saving"]):
+        assert saving == pytest.approx(plain, rel=1e-4)
+    a, b = weights(tmp_path / "plain"), weights(tmp_path / "saving")
+    for key in a:
+        assert torch.allclose(a[key].float(), b[key].float(), atol=1e-3), key
 
 
 def test_corrupted_newest_checkpoint_falls_back_to_previous(pairs, tmp_path):
