@@ -71,8 +71,7 @@ def _patch_product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     patches = F.pad(x, (pw, pw, ph, ph, pd, pd)).unfold(2, k[0], 1).unfold(3, k[1], 1).unfold(4, k[2], 1)
     columns = patches.permute(0, 2, 3, 4, 5, 6, 7, 1).reshape(b, d * h * w, -1)
     matrix = weight.permute(0, 2, 3, 4, 1).reshape(weight.shape[0], -1)
-    y = columns @ matrix.T if bias is None else torch.addmm(bias, columns.flatten(0, 1), matrix.T)
-    return y.view(b, d, h, w, -1).permute(0, 4, 1, 2, 3)
+    return F.linear(columns, matrix, bias).view(b, d, h, w, -1).permute(0, 4, 1, 2, 3)
 
 
 class Conv3d(nn.Conv3d):

@@ -12,7 +12,7 @@ from medflow.flows.base import InvertibleModule
 from medflow.flows.coupling import AffineCoupling
 from medflow.flows.invconv import InvConv1x1x1
 from medflow.flows.prior import GaussianPrior
-from medflow.flows.recompute import chain_forward
+from medflow.flows.recompute import chain_forward, run_chain
 from medflow.flows.squeeze import HaarDownsample3d, Squeeze3d
 
 SQUEEZES = {"reshape": Squeeze3d, "haar": HaarDownsample3d}
@@ -33,15 +33,12 @@ class FlowStep(InvertibleModule):
         return self.actnorm, self.invconv, self.coupling
 
     def forward(self, x, cond=None):
-        x, ld1 = self.actnorm(x)
-        x, ld2 = self.invconv(x)
-        x, ld3 = self.coupling(x, cond)
-        return x, ld1 + ld2 + ld3
+        return run_chain(self.parts, x, cond)
 
     def inverse(self, y, cond=None):
-        y = self.coupling.inverse(y, cond)
-        y = self.invconv.inverse(y)
-        return self.actnorm.inverse(y)
+        for part in reversed(self.parts):
+            y = part.inverse(y, cond)
+        return y
 
 
 class GlowLevel(InvertibleModule):

@@ -15,8 +15,8 @@ import torch
 from torch import nn
 
 
-def run_chain(steps: nn.ModuleList, x: torch.Tensor, cond: torch.Tensor | None):
-    """Apply ``steps`` in order; returns (y, summed log-det [B])."""
+def run_chain(steps, x: torch.Tensor, cond: torch.Tensor | None):
+    """Apply ``steps`` (invertible modules) in order; returns (y, summed log-det [B])."""
     logdet = x.new_zeros(x.shape[0])
     for step in steps:
         x, ld = step(x, cond)
