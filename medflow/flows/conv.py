@@ -12,9 +12,9 @@ backward copies a flipped weight and convolves over the whole volume: work that 
 the weight, which at a flow's top levels (a few voxels, large weights) is most of it.
 Where PyTorch would use im2col and the weight has more values than the patch columns (more
 output channels than voxels: a flow's top levels), a channels-last weight is not copied to the
-contiguous layout that im2col reads, as PyTorch does three times per training step, which at a
-width-512 subnet is most of the convolution's time: ``Conv3d`` multiplies the patches, ordered
-like that weight, by the weight in place (autograd differentiates the product).
+contiguous layout that im2col reads, as PyTorch does three times per training step (a copy of
+the whole weight each time): ``Conv3d`` multiplies the patches, ordered like that weight, by the
+weight in place (autograd differentiates the product).
 BENCHMARKS.md (section 1) times medflow's batch-1 training step against the FrEIA peer's,
 whose subnets use ``torch.nn.Conv3d``. Values equal ``torch.nn.Conv3d``'s up to float
 rounding; every other case (other devices, dtypes, autocast, batches > 1, inputs PyTorch
