@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass
 import torch
 from scipy.stats import t as student_t
 
-from medflow.preprocess import global_region
+from medflow.preprocess import PET_ZERO, global_region
 
 COVERAGE_Z = 1.645  # mean +- 1.645 std: 90 % for the true predictive std
 CALIBRATION_SAMPLES = 16
@@ -87,14 +87,16 @@ class Calibration:
 
 @torch.no_grad()
 def mean_coverage(model, items, temperature: float, samples: int, z: float, seed: int = 0) -> float:
-    """Mean over ``items`` (mri, pet, side) of the fraction of the PET's global-mean region (SPM's
-    voxels above 1/8 of the mean) within mean +- z std of ``samples`` draws at ``temperature``.
+    """Mean over ``items`` (mri, pet, side; PET in model space) of the fraction of the PET's
+    global-mean region (SPM's voxels above 1/8 of the mean uptake, found on the uptake, which
+    model space offsets by ``PET_ZERO``) within mean +- z std of ``samples`` draws at ``temperature``.
     Every call draws the same noise (``seed``), so the result grows smoothly with the temperature."""
     values = []
     for mri, pet, side in items:
         draws = model.sample(mri, temperature, samples, torch.Generator().manual_seed(seed), side)[:, 0, 0].float()
         truth = pet[0, 0].float()
-        values.append(coverage(draws.mean(0), draws.std(0, unbiased=False), truth, global_region(truth), z))
+        region = global_region(truth - PET_ZERO)
+        values.append(coverage(draws.mean(0), draws.std(0, unbiased=False), truth, region, z))
     return sum(values) / len(values)
 
 
@@ -103,7 +105,7 @@ def calibrate_temperature(model, items, samples: int = CALIBRATION_SAMPLES, z: f
     """The temperature at which ``samples`` draws cover the truth of ``items`` (validation subjects
     as (mri, pet, side) tensors on the model grid, PET in the model's units) within mean +- z std
     as often as a perfectly calibrated model would: bisection on log T inside TEMPERATURE_RANGE
-    (ends kept when the target lies outside)."""
+    (for a target it cannot reach, a temperature close to the end of the range it lies beyond)."""
     target = ideal_coverage(z, samples)
     low, high = (math.log(t) for t in TEMPERATURE_RANGE)
     for _ in range(iterations):

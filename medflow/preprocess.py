@@ -106,6 +106,9 @@ class LoadVolumesd(MapTransform):
         return d
 
 
+PET_ZERO = -0.5  # zero uptake in model space: the model's PET is uptake / pet_scale + PET_ZERO
+
+
 def global_region(pet: torch.Tensor) -> torch.Tensor:
     """SPM's global-mean region (``spm_global``): the voxels above 1/8 of the volume's mean (bool,
     same shape)."""
@@ -177,7 +180,8 @@ def stage2(prep: Preprocessing, train: bool, keys=("mri", "pet")) -> Compose:
                                  mode="bilinear", padding_mode="zeros"))
     steps.append(scale_mri())
     if "pet" in keys:
-        steps.append(ScaleIntensityRanged("pet", a_min=0.0, a_max=prep.pet_scale, b_min=-0.5, b_max=0.5))
+        steps.append(ScaleIntensityRanged("pet", a_min=0.0, a_max=prep.pet_scale, b_min=PET_ZERO,
+                                         b_max=PET_ZERO + 1.0))
     if train:
         steps += [
             RandScaleIntensityd("mri", factors=0.05, prob=0.5),
@@ -194,7 +198,7 @@ def plain_tensor(data) -> torch.Tensor:
 
 def pet_to_units(pet: torch.Tensor, prep: Preprocessing) -> torch.Tensor:
     """Model-space PET ([-0.5, 0.5] scale) back to the training PET's units (at ``pet_level``)."""
-    return (pet + 0.5) * (prep.pet_scale * prep.pet_level)
+    return (pet - PET_ZERO) * (prep.pet_scale * prep.pet_level)
 
 
 def grid_for(shapes: list[tuple[int, int, int]], divisor: int, minimum: int = 0) -> tuple[int, int, int]:

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from medflow import calibration
+from medflow.preprocess import PET_ZERO, global_region
 from medflow.trained import DEFAULT_TEMPERATURE, TrainedModel
 
 
@@ -62,6 +63,23 @@ def test_calibrated_temperature_recovers_the_spread_of_the_truth(spread):
     assert result.temperature == pytest.approx(spread, rel=0.03)
     assert result.coverage == pytest.approx(calibration.ideal_coverage(calibration.COVERAGE_Z, 16), abs=0.01)
     assert (result.samples, result.subjects) == (16, 2)
+
+
+def test_coverage_is_measured_on_the_global_region_of_the_uptake():
+    """Oracle: a PET in model space (uptake / pet_scale + PET_ZERO) with zero-uptake background,
+    low-uptake and high-uptake voxels. SPM's global region of the uptake holds the low and the high
+    voxels, not the background. The model's draws hold the truth exactly at the high voxels and
+    miss it far everywhere else, so the coverage is the high voxels' share of that region, 1/3."""
+    uptake = torch.zeros(12, 12, 12)
+    uptake[2:10, 2:10, 2:11] = 0.4
+    uptake[2:10, 2:10, 8:11] = 1.0
+    high = uptake == 1.0
+    truth = uptake / 2.0 + PET_ZERO
+    loc = torch.where(high, truth, truth + 10.0)
+    model = GaussianModel(loc, torch.full_like(loc, 0.01))
+    assert int(high.sum()) * 3 == int(global_region(uptake).sum())
+    assert calibration.mean_coverage(model, [(None, truth[None, None], None)], 1.0, 16,
+                                     calibration.COVERAGE_Z) == pytest.approx(1 / 3)
 
 
 def test_temperature_falls_back_for_models_without_calibration():
