@@ -236,16 +236,26 @@ def test_glow_logdet_matches_brute_force_jacobian(squeeze):
     assert (glow.inverse(glow(x, cond)[0], cond) - x).abs().max() < 1e-8
 
 
-def test_glow_latent_shapes_and_sampling_round_trip():
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_glow_sampling_round_trip_recovers_the_prior_noise(temperature):
+    """Encoding a sample gives back, at every level, mu + T sigma eps of that level's prior (at the
+    half the encoding kept) with the generator's own eps, drawn top level first; T = 0 gives mu."""
     torch.manual_seed(3)
-    glow = tiny_glow()
-    prior_cond = [torch.randn(2, 2, 4, 4, 4), torch.randn(2, 2, 2, 2, 2)]
-    x = glow.sample(2, (8, 8, 8), temperature=0.8, prior_cond=prior_cond)
+    glow = perturb(tiny_glow(cond=True, dtype=torch.float64), scale=0.05)
+    glow.eval()
+    prior_cond = [torch.randn(2, 2, 4, 4, 4, dtype=torch.float64), torch.randn(2, 2, 2, 2, 2, dtype=torch.float64)]
+    coupling_cond = [torch.randn(2, 3, 4, 4, 4, dtype=torch.float64), torch.randn(2, 3, 2, 2, 2, dtype=torch.float64)]
+    x = glow.sample(2, (8, 8, 8), temperature, coupling_cond, prior_cond, torch.Generator().manual_seed(5))
     assert x.shape == (2, 1, 8, 8, 8)
-    zs, _ = glow(x)
-    assert [tuple(z.shape) for z in zs] == glow.latent_shapes(2, (8, 8, 8))
-    mean = glow.sample(2, (8, 8, 8), temperature=0.0, prior_cond=prior_cond)
-    assert torch.equal(mean, glow.sample(2, (8, 8, 8), temperature=0.0, prior_cond=prior_cond))
+    shapes = glow.latent_shapes(2, (8, 8, 8))
+    g = torch.Generator().manual_seed(5)
+    eps = {i: torch.randn(shapes[i], generator=g, dtype=torch.float64) for i in reversed(range(glow.num_levels))}
+    enc = glow.encode(x, coupling_cond)
+    assert [tuple(z.shape) for z in enc.zs] == shapes
+    for i, prior in enumerate(glow.priors):
+        mean, log_sigma = prior.params(glow._prior_cond(i, enc.kept[i], prior_cond), shapes[i], x.device)
+        assert log_sigma.abs().max() > 0.01
+        torch.testing.assert_close(enc.zs[i], mean + temperature * torch.exp(log_sigma) * eps[i], rtol=1e-8, atol=1e-8)
 
 
 def test_odd_spatial_size_is_a_clear_error():

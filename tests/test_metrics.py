@@ -39,8 +39,8 @@ def test_full_mask_matches_skimage(pair):
     expected_psnr = peak_signal_noise_ratio(ref.astype(np.float64), pred.astype(np.float64), data_range=data_range)
     expected_ssim = structural_similarity(ref.astype(np.float64), pred.astype(np.float64), data_range=data_range,
                                           gaussian_weights=True, sigma=1.5, use_sample_covariance=False)
-    assert result["psnr"] == pytest.approx(expected_psnr, abs=1e-3)
-    assert result["ssim"] == pytest.approx(expected_ssim, abs=1e-3)
+    assert result["psnr"] == pytest.approx(expected_psnr, abs=1e-9)
+    assert result["ssim"] == pytest.approx(expected_ssim, abs=1e-9)
     assert set(result) == set(METRIC_NAMES)
     assert all(type(v) is float for v in result.values())
 

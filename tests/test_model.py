@@ -9,7 +9,7 @@ import torch
 from medflow import DualGlow
 from medflow.flows import AffineCoupling, ConditionalAffine
 from medflow.flows.glow import Encoding
-from medflow.model import DualGlowConfig
+from medflow.model import DualGlowConfig, bits_per_voxel
 from medflow.presets import available_presets, load_preset
 from tests.test_flows import perturb
 
@@ -245,6 +245,18 @@ def test_log_prob_terms_and_bits_per_voxel():
     assert torch.allclose(terms["pet_bpv"], expected)
     loss, _ = model.loss(pet, mri)
     assert torch.isclose(loss, -(terms["pet"] + 0.001 * terms["mri"]).mean() / voxels)
+
+
+def test_bits_per_voxel_are_those_of_the_quantisation_bins():
+    """Oracle: values on the 1/256 grid under a standard normal density; each value's bin has
+    probability Phi(x + 1/512) - Phi(x - 1/512), and minus the mean log2 of those masses is what
+    ``bits_per_voxel`` gives from the density (to the density's curvature across a bin)."""
+    x = torch.tensor([[-1.5, -0.25, 0.0, 0.75, 2.0]], dtype=torch.float64)
+    normal = torch.distributions.Normal(torch.tensor(0.0, dtype=torch.float64), 1.0)
+    log_density = normal.log_prob(x).sum(1)
+    masses = normal.cdf(x + 0.5 / 256) - normal.cdf(x - 0.5 / 256)
+    expected = -torch.log2(masses).mean(1)
+    torch.testing.assert_close(bits_per_voxel(log_density, x, 256), expected, rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("overrides", [{}, {"condition_width": 6}, {"condition_width": 6, "coupling_condition": False},
