@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import sys
@@ -45,12 +46,27 @@ def guarded(body):
     except typer.Exit:
         raise
     except Exception as exc:
+        cause = _medflow_cause(exc)
+        if cause is not None:
+            raise fail(cause) from None
         if os.environ.get("MEDFLOW_DEBUG"):
             raise
         first = (str(exc).strip().splitlines() or [""])[0][:200]
         console.print(f"[bold red]internal error:[/] {type(exc).__name__}: {first} (set MEDFLOW_DEBUG=1 for details)",
                       highlight=False, soft_wrap=True)
         raise typer.Exit(1) from None
+
+
+def _medflow_cause(exc: BaseException) -> MedflowError | None:
+    """The user error behind ``exc``, which a library may have wrapped (MONAI's datasets re-raise
+    a transform's error as RuntimeError ``from`` it), or None."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, MedflowError):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
 
 
 def version_callback(value: bool):
@@ -69,9 +85,10 @@ def parse_seconds(text: str | None) -> float | None:
     """'600', '90s', '10m', '2h' -> seconds."""
     if text is None:
         return None
-    match = re.fullmatch(r"\s*([0-9.]+)\s*([smh]?)\s*", text)
-    if not match:
-        raise InputError(f"--time-limit {text!r}: use seconds or a number with s, m or h (e.g. 10m)")
+    match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*([smh]?)\s*", text)
+    if not match or float(match.group(1)) <= 0:
+        raise InputError(f"--time-limit {text!r}: use a positive number of seconds, or one with s, m or h "
+                         "(e.g. 10m)")
     return float(match.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600}[match.group(2)]
 
 
@@ -182,17 +199,29 @@ def _batch_jobs(input_: Path, output: Path, mri_columns: list[str], allow_outsid
 
     if input_.suffix.lower() == ".csv":
         subjects = read_csv_manifest(input_, mri_columns, need_pet=False, allow_outside=allow_outside)
-        return [(s.subject, s.mri, output / f"{s.subject}.nii.gz",
-                 {**side, **(side_spec.pick(s.side) if side_spec else {})}) for s in subjects], True
-    if input_.is_dir() and not is_image_path(input_):
+        for s in subjects:
+            if s.subject in ("", ".", "..") or Path(s.subject).name != s.subject or "\\" in s.subject:
+                raise InputError(f"{input_}: subject {s.subject!r} is not a plain file name; outputs are named "
+                                 "after the subject inside the output folder")
+        jobs = [(s.subject, s.mri, output / f"{s.subject}.nii.gz",
+                 {**side, **(side_spec.pick(s.side) if side_spec else {})}) for s in subjects]
+    elif input_.is_dir() and not is_image_path(input_):
         if len(mri_columns) > 1:
             raise InputError(f"{input_}: the model needs {len(mri_columns)} MRI modalities; give a CSV with "
                              f"columns {', '.join(mri_columns)}")
         files = sorted(p for p in input_.iterdir() if is_image_path(p))
         if not files:
             raise InputError(f"{input_}: no images in folder")
-        return [(image_stem(p), [p], output / f"{image_stem(p)}.nii.gz", side) for p in files], True
-    return [(image_stem(input_), [input_], output, side)], False
+        jobs = [(image_stem(p), [p], output / f"{image_stem(p)}.nii.gz", side) for p in files]
+    else:
+        return [(image_stem(input_), [input_], output, side)], False
+    first: dict[str, list[Path]] = {}
+    for _, mri_paths, out_path, _ in jobs:
+        if out_path.name in first:
+            raise InputError(f"{mri_paths[0]}: its output {out_path.name} is also that of {first[out_path.name][0]}; "
+                             "give the inputs distinct names")
+        first[out_path.name] = mri_paths
+    return jobs, True
 
 
 @app.command()
@@ -237,13 +266,15 @@ def synthesize(
     def body():
         if not valid_sample_count(samples):
             raise InputError(f"--samples must be 1 or even (samples are drawn in antithetic pairs), got {samples}")
-        if temperature is not None and temperature < 0:
-            raise InputError("--temperature must be >= 0")
+        if temperature is not None and not (math.isfinite(temperature) and temperature >= 0):
+            raise InputError(f"--temperature must be a number >= 0, got {temperature:g}")
         dev = resolve_device(device)
         tm = load_trained(model, dev)
         side_values = parse_side(side)
         if side_values and tm.side is None:
             raise InputError(f"{model}: this model was trained without side information; drop --side")
+        if side_values:
+            tm.side.encode(side_values, "--side")
         jobs, batch = _batch_jobs(input_, output, tm.mri_columns, allow_outside_paths,
                                   tm.side, side_values)
         opts = SynthesisOptions(temperature, samples, seed, overwrite, strict_qc, level_spread)
@@ -272,6 +303,9 @@ def _prepare_folder(folder: Path) -> None:
 def _run_batch(tm, jobs, output, opts, dev, std_dir, qc_dir, skip_existing):
     from medflow.synthesize import synthesize_file
 
+    if std_dir is not None and os.path.abspath(std_dir) == os.path.abspath(output):
+        raise InputError(f"--std {std_dir}: is the output folder, where the uncertainty maps would take the "
+                         "synthetic PETs' names; give another folder")
     for folder in (output, std_dir, qc_dir):
         if folder is not None:
             _prepare_folder(folder)
@@ -324,6 +358,7 @@ def evaluate(
                                                 "reference inside the mask."),
     json_out: Path = typer.Option(None, "--json", help="Write per-subject rows and the summary as JSON."),
     csv_out: Path = typer.Option(None, "--csv", help="Write per-subject rows as CSV."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing --json/--csv files."),
 ):
     """PSNR, SSIM (3D), NMSE and MAE inside a mask, per subject and as mean and std.
 
@@ -335,18 +370,24 @@ def evaluate(
     Example: medflow evaluate out/ demo/data/pet/ --mask demo/data/mask/ --json metrics.json
     """
     from medflow.evaluation import evaluate_cases, pair_cases, render_table, summarize, write_csv, write_json
+    from medflow.imageio import check_output_paths
 
     def body():
+        if data_range is not None and not (math.isfinite(data_range) and data_range > 0):
+            raise InputError(f"--data-range must be a positive number, got {data_range:g}")
         cases, unmatched = pair_cases(pred, ref, mask)
+        reports = [p for p in (json_out, csv_out) if p is not None]
+        inputs = [pred, *([ref] if ref else [])] + [p for c in cases for p in (c.pred, c.ref, c.mask) if p]
+        check_output_paths(reports, inputs, overwrite)
         for name in unmatched:
             _warn(f"{name}: no counterpart, not evaluated")
         rows = evaluate_cases(cases, data_range)
         summary = summarize(rows)
         out.print(render_table(rows, summary))
         if json_out:
-            write_json(rows, summary, json_out)
+            write_json(rows, summary, json_out, overwrite)
         if csv_out:
-            write_csv(rows, csv_out)
+            write_csv(rows, csv_out, overwrite)
         if any(r["error"] for r in rows) or unmatched:
             raise typer.Exit(1)
 

@@ -192,27 +192,27 @@ def summarize(rows: list[dict]) -> dict[str, dict[str, float]]:
     return summary
 
 
-def _write_report(path: Path, text: str) -> None:
-    """Write ``text`` through a temporary file in the same folder, renamed over ``path`` (replaced)."""
-    with atomic_path(path, overwrite=True) as tmp:
+def _write_report(path: Path, text: str, overwrite: bool) -> None:
+    """Write ``text`` to ``path`` through ``atomic_path`` (an existing file only with ``overwrite``)."""
+    with atomic_path(path, overwrite=overwrite) as tmp:
         tmp.write_text(text, encoding="utf-8")
 
 
-def write_json(rows: list[dict], summary: dict, path: Path) -> None:
+def write_json(rows: list[dict], summary: dict, path: Path, overwrite: bool = False) -> None:
     """{"conventions", "summary", "failed", "cases"} as strict JSON (no NaN/Infinity), atomically."""
     failed = sum(1 for r in rows if r["error"])
     payload = {"conventions": CONVENTIONS, "summary": summary, "failed": failed, "cases": rows}
-    _write_report(path, json.dumps(payload, indent=2, allow_nan=False) + "\n")
+    _write_report(path, json.dumps(payload, indent=2, allow_nan=False) + "\n", overwrite)
 
 
-def write_csv(rows: list[dict], path: Path) -> None:
+def write_csv(rows: list[dict], path: Path, overwrite: bool = False) -> None:
     """A header (``CSV_COLUMNS``) and one line per case; empty cells for None, atomically."""
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(CSV_COLUMNS)
     for row in rows:
         writer.writerow(["" if row.get(c) is None else row[c] for c in CSV_COLUMNS])
-    _write_report(path, buffer.getvalue())
+    _write_report(path, buffer.getvalue(), overwrite)
 
 
 def _fmt(name: str, value) -> str:

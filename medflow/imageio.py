@@ -109,22 +109,31 @@ def write_bytes_atomic(path: str | Path, payload: bytes, *, overwrite: bool = Fa
     return Path(path)
 
 
-def write_volume(path: str | Path, data: np.ndarray, affine: np.ndarray, *, overwrite: bool = False) -> Path:
-    """Write (X, Y, Z) `data` as float32 NIfTI-1 (.nii or .nii.gz by suffix) with `affine`, atomically.
-
-    The affine goes into both sform and qform (code 1, scanner) so every reader agrees on it.
-    """
-    path = Path(path)
-    if not path.name.lower().endswith((".nii", ".nii.gz")):
+def check_nifti_name(path: Path) -> None:
+    """OutputError unless ``path`` names a NIfTI file (.nii or .nii.gz)."""
+    if not Path(path).name.lower().endswith((".nii", ".nii.gz")):
         raise OutputError(f"{path}: output must be a NIfTI file ending in .nii or .nii.gz")
+
+
+def nifti_image(data: np.ndarray, affine: np.ndarray) -> nib.Nifti1Image:
+    """(X, Y, Z) ``data`` as a float32 NIfTI-1 image with ``affine`` in both sform and qform (code 1,
+    scanner), so every reader agrees on it."""
     data = np.asarray(data, dtype=np.float32)
     affine = np.asarray(affine, dtype=np.float64)
     if data.ndim != 3 or affine.shape != (4, 4):
-        raise ValueError(f"write_volume needs 3D data and a (4, 4) affine, got {data.shape} and {affine.shape}")
+        raise ValueError(f"nifti_image needs 3D data and a (4, 4) affine, got {data.shape} and {affine.shape}")
     image = nib.Nifti1Image(data, affine)
     image.set_sform(affine, code=1)
     image.set_qform(affine, code=1)
     image.header.set_xyzt_units("mm")
+    return image
+
+
+def write_volume(path: str | Path, data: np.ndarray, affine: np.ndarray, *, overwrite: bool = False) -> Path:
+    """Write ``nifti_image(data, affine)`` to ``path`` (.nii or .nii.gz by suffix), atomically."""
+    path = Path(path)
+    check_nifti_name(path)
+    image = nifti_image(data, affine)
     with atomic_path(path, overwrite=overwrite) as tmp:
         nib.save(image, tmp)
     return path
@@ -132,41 +141,75 @@ def write_volume(path: str | Path, data: np.ndarray, affine: np.ndarray, *, over
 
 @contextmanager
 def atomic_path(path: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a hidden temporary path next to `path` (same suffix); publish it there on clean exit.
-
-    Checks before yielding: `path` must not exist unless `overwrite`, its folder must exist and
-    be writable.  On clean exit the file is fsynced, then hard-linked onto `path` (so a file that
-    another writer created meanwhile is never clobbered: OutputError) or, with `overwrite`,
-    renamed over it.  On any exception, KeyboardInterrupt included, the temporary file is
-    removed and the exception re-raised; a full disk becomes OutputError.
-    """
-    path = Path(path)
-    folder = path.parent
-    if path.is_dir():
-        raise OutputError(f"{path}: is a folder; give a file name")
-    if os.path.lexists(path) and not overwrite:
-        raise OutputError(f"{path}: exists; pass --overwrite to replace it")
-    if not folder.is_dir():
-        raise OutputError(f"{path}: folder {folder} does not exist")
-    stem, suffix = _split_suffix(path.name)
-    tmp = folder / f".{stem}.tmp-{os.getpid()}-{secrets.token_hex(4)}{suffix}"
-    try:
-        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
-    except OSError as exc:
-        raise _output_error(path, exc) from None
-    try:
+    """``atomic_paths`` for one file: yields its temporary path."""
+    with atomic_paths([path], overwrite=overwrite) as (tmp,):
         yield tmp
-        try:
-            _fsync(tmp)
-            _publish(tmp, path, overwrite)
-        except OSError as exc:
-            raise _output_error(path, exc) from None
+
+
+@contextmanager
+def atomic_paths(paths: list[str | Path], *, overwrite: bool = False,
+                 inputs: list[str | Path] = ()) -> Iterator[list[Path]]:
+    """Yield a hidden temporary path next to each of ``paths`` (same suffix); publish them all there
+    on clean exit: the outputs of one result appear together or not at all.
+
+    Checks before yielding: the paths are distinct and none is one of ``inputs``; none exists
+    unless ``overwrite``; each folder exists and is writable.  On clean exit the files are
+    fsynced, then each is hard-linked onto its path (so a file that another writer created
+    meanwhile is never clobbered: OutputError, and the outputs already published are removed) or,
+    with ``overwrite``, renamed over it.  On any exception, KeyboardInterrupt included, the
+    temporary files are removed and the exception re-raised; a full disk becomes OutputError.
+    """
+    paths = [Path(p) for p in paths]
+    check_output_paths(paths, [Path(p) for p in inputs], overwrite)
+    tmps: list[Path] = []
+    published: list[Path] = []
+    try:
+        for path in paths:
+            stem, suffix = _split_suffix(path.name)
+            tmp = path.parent / f".{stem}.tmp-{os.getpid()}-{secrets.token_hex(4)}{suffix}"
+            try:
+                os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            except OSError as exc:
+                raise _output_error(path, exc) from None
+            tmps.append(tmp)
+        yield list(tmps)
+        for tmp, path in zip(tmps, paths):
+            try:
+                _fsync(tmp)
+                _publish(tmp, path, overwrite)
+            except OSError as exc:
+                raise _output_error(path, exc) from None
+            published.append(path)
     except BaseException as exc:
-        _remove_quietly(tmp)
+        for tmp in tmps:
+            _remove_quietly(tmp)
+        if not overwrite:
+            for path in published:
+                _remove_quietly(path)
         if isinstance(exc, OSError) and exc.errno in _FULL_DISK:
-            raise _output_error(path, exc) from None
+            raise _output_error(paths[len(published)], exc) from None
         raise
-    _fsync_folder(folder)
+    for folder in dict.fromkeys(path.parent for path in paths):
+        _fsync_folder(folder)
+
+
+def check_output_paths(paths: list[Path], inputs: list[Path], overwrite: bool) -> None:
+    """``atomic_paths``' checks, for a caller to run before the work whose results it will write."""
+    seen: dict[Path, Path] = {}
+    given = {os.path.abspath(p): p for p in inputs}
+    for path in paths:
+        key = Path(os.path.abspath(path))
+        if key in seen:
+            raise OutputError(f"{path}: given for two outputs ({seen[key]} too); give each its own path")
+        seen[key] = path
+        if str(key) in given:
+            raise OutputError(f"{path}: is an input; choose another output path")
+        if path.is_dir():
+            raise OutputError(f"{path}: is a folder; give a file name")
+        if os.path.lexists(path) and not overwrite:
+            raise OutputError(f"{path}: exists; pass --overwrite to replace it")
+        if not path.parent.is_dir():
+            raise OutputError(f"{path}: folder {path.parent} does not exist")
 
 
 def is_image_path(path: str | Path) -> bool:

@@ -6,17 +6,15 @@ from pathlib import Path
 
 import numpy as np
 
-from medflow.imageio import atomic_path
-
 
 def _mid_slices(volume: np.ndarray) -> list[np.ndarray]:
     x, y, z = (s // 2 for s in volume.shape)
     return [np.rot90(volume[:, :, z]), np.rot90(volume[:, y, :]), np.rot90(volume[x, :, :])]
 
 
-def write_qc_png(path: Path, mri: np.ndarray, pet: np.ndarray, std: np.ndarray | None, title: str = "",
-                 overwrite: bool = False) -> Path:
-    """PNG with one row per volume (MRI, PET, std if given) and axial/coronal/sagittal columns.
+def save_qc_png(path: Path, mri: np.ndarray, pet: np.ndarray, std: np.ndarray | None, title: str = "") -> None:
+    """Save to ``path`` a PNG with one row per volume (MRI, PET, std if given) and
+    axial/coronal/sagittal columns (the caller makes the write atomic).
 
     Slices are taken in voxel order at the volume centre; all volumes share the input grid.
     """
@@ -38,7 +36,5 @@ def write_qc_png(path: Path, mri: np.ndarray, pet: np.ndarray, std: np.ndarray |
         axes[r][0].set_title(label, loc="left", fontsize=10)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    with atomic_path(Path(path), overwrite=overwrite) as tmp:
-        fig.savefig(tmp, dpi=80, format="png")
+    fig.savefig(path, dpi=80, format="png")
     plt.close(fig)
-    return Path(path)

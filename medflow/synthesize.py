@@ -11,6 +11,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import torch
 from monai.data import MetaTensor
@@ -18,8 +19,8 @@ from monai.transforms import Compose, Invertd
 
 from medflow.calibration import with_level_spread
 from medflow.device import check_fits
-from medflow.errors import InputError, QCError, ResourceError
-from medflow.imageio import read_volume, write_volume
+from medflow.errors import InputError, OutputError, QCError, ResourceError
+from medflow.imageio import atomic_paths, check_nifti_name, check_output_paths, nifti_image, read_volume
 from medflow.preprocess import pet_to_units, plain_tensor, stage1, stage2, volume_to_metatensor
 from medflow.trained import TrainedModel
 
@@ -85,6 +86,13 @@ def synthesize_file(tm: TrainedModel, mri_paths: list[Path], out: Path, opts: Sy
     information (missing ones take their training defaults); ignored by other models.
     """
     start = time.monotonic()
+    targets = [out] + [p for p in (std_out, qc_png) if p is not None]
+    for path in (out, std_out):
+        if path is not None:
+            check_nifti_name(path)
+    if qc_png is not None and qc_png.suffix.lower() != ".png":
+        raise OutputError(f"{qc_png}: the QC picture is a PNG; give a name ending in .png")
+    check_output_paths(targets, mri_paths, opts.overwrite)
     if len(mri_paths) != len(tm.mri_columns):
         raise InputError(f"{mri_paths[0]}: model expects {len(tm.mri_columns)} MRI modalities "
                          f"({', '.join(tm.mri_columns)}), got {len(mri_paths)}")
@@ -121,12 +129,13 @@ def synthesize_file(tm: TrainedModel, mri_paths: list[Path], out: Path, opts: Sy
     reference = volumes[0]
     if mean.shape != reference.data.shape:
         raise InputError(f"{mri_paths[0]}: internal grid mismatch {mean.shape} vs {reference.data.shape}")
-    write_volume(out, mean, reference.affine, overwrite=opts.overwrite)
-    if std_out is not None:
-        write_volume(std_out, std, reference.affine, overwrite=opts.overwrite)
-    if qc_png is not None:
-        from medflow.qcplot import write_qc_png
+    with atomic_paths(targets, overwrite=opts.overwrite, inputs=mri_paths) as tmps:
+        nib.save(nifti_image(mean, reference.affine), tmps[0])
+        if std_out is not None:
+            nib.save(nifti_image(std, reference.affine), tmps[1])
+        if qc_png is not None:
+            from medflow.qcplot import save_qc_png
 
-        write_qc_png(qc_png, reference.data, mean, std, title=f"{mri_paths[0].name}  T={temperature:g} "
-                     f"N={opts.samples}", overwrite=opts.overwrite)
+            save_qc_png(tmps[-1], reference.data, mean, std, title=f"{mri_paths[0].name}  T={temperature:g} "
+                        f"N={opts.samples}")
     return SynthesisResult(temperature, bpv, z, qc_ok, time.monotonic() - start)

@@ -9,7 +9,7 @@ import pytest
 from rich.console import Console
 from scipy import ndimage
 
-from medflow.errors import InputError
+from medflow.errors import InputError, OutputError
 from medflow.evaluation import (
     CSV_COLUMNS, EvalCase, evaluate_cases, pair_cases, render_table, summarize, write_csv, write_json,
 )
@@ -156,7 +156,9 @@ def test_reports_are_valid_json_and_csv(batch):
     out = batch / "reports"
     out.mkdir()
     write_json(rows, summary, out / "metrics.json")
-    write_json(rows, summary, out / "metrics.json")
+    with pytest.raises(OutputError, match="exists; pass --overwrite"):
+        write_json(rows, summary, out / "metrics.json")
+    write_json(rows, summary, out / "metrics.json", overwrite=True)
     write_csv(rows, out / "metrics.csv")
     assert sorted(p.name for p in out.iterdir()) == ["metrics.csv", "metrics.json"], "replaced, no temp files"
 
@@ -186,3 +188,30 @@ def test_table_shows_subjects_errors_and_summary(batch):
     for word in ("sub01", "sub02", "sub03", "mean", "std", "2 of 3 ok", "PSNR", "failed"):
         assert word in text
     assert "sub02: " in text and "not a gzip file" in text
+
+
+def test_cli_reports_never_replace_inputs_or_existing_files_silently(batch):
+    from typer.testing import CliRunner
+
+    from medflow.cli import app
+
+    def cli(*args):
+        return CliRunner().invoke(app, ["evaluate", *map(str, args)])
+
+    listing = batch / "pairs.csv"
+    listing.write_text("subject,pred,ref\na,pred/sub01.nii.gz,ref/sub01.nii.gz\n")
+    before = listing.read_bytes()
+    result = cli(listing, "--csv", listing, "--overwrite")
+    assert result.exit_code == 4 and "is an input" in result.stderr and listing.read_bytes() == before
+    reference = batch / "ref" / "sub01.nii.gz"
+    result = cli(batch / "pred" / "sub01.nii.gz", reference, "--json", reference, "--overwrite")
+    assert result.exit_code == 4 and "is an input" in result.stderr
+    report = batch / "metrics.json"
+    report.write_text("precious")
+    result = cli(listing, "--json", report)
+    assert result.exit_code == 4 and "--overwrite" in result.stderr and report.read_text() == "precious"
+    assert cli(listing, "--json", report, "--overwrite").exit_code == 0
+    assert json.loads(report.read_text())["cases"][0]["subject"] == "a"
+    for value in ("0", "-1", "nan"):
+        result = cli(listing, "--data-range", value)
+        assert result.exit_code == 3 and "--data-range must be a positive number" in result.stderr, value

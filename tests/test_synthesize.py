@@ -188,3 +188,68 @@ def test_missing_model_and_unavailable_cuda(trained, tmp_path):
 
     if not torch.cuda.is_available():
         assert result.exit_code == 6 and "no CUDA" in result.stderr
+
+
+def test_outputs_of_one_input_appear_together_or_not_at_all(trained, tmp_path):
+    """An existing --std or --qc file, or a missing folder for one of them, fails before anything is
+    written (the PET included), and an output given twice or equal to the input is refused."""
+    run, pairs = trained
+    mri, out = pairs / "sub-00_t1.nii.gz", tmp_path / "pet.nii.gz"
+    (tmp_path / "std.nii.gz").write_bytes(b"precious")
+    (tmp_path / "qc.png").write_bytes(b"precious")
+    cases = [(["--std", tmp_path / "std.nii.gz"], 4, "exists"), (["--qc", tmp_path / "qc.png"], 4, "exists"),
+             (["--std", tmp_path / "none" / "std.nii.gz"], 4, "does not exist"),
+             (["--std", out], 4, "two outputs"), (["--qc", tmp_path / "qc.nii.gz"], 4, ".png")]
+    for extra, code, message in cases:
+        result = cli("synthesize", mri, out, "--model", run, *extra)
+        assert result.exit_code == code and message in result.stderr, (extra, result.stderr)
+        assert len(result.stderr.strip().splitlines()) == 1 and not out.exists(), extra
+    assert (tmp_path / "std.nii.gz").read_bytes() == b"precious" == (tmp_path / "qc.png").read_bytes()
+    copy = shutil.copy(mri, tmp_path / "mri.nii.gz")
+    before = copy.read_bytes()
+    result = cli("synthesize", copy, copy, "--model", run, "--overwrite")
+    assert result.exit_code == 4 and "is an input" in result.stderr and copy.read_bytes() == before
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_batch_std_folder_must_not_be_the_output_folder(trained, tmp_path):
+    run, pairs = trained
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    shutil.copy(pairs / "sub-00_t1.nii.gz", inputs / "a.nii.gz")
+    result = cli("synthesize", inputs, tmp_path / "out", "--model", run, "--std", tmp_path / "out", "--overwrite")
+    assert result.exit_code == 3 and "is the output folder" in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_batch_inputs_must_give_distinct_outputs(trained, tmp_path):
+    run, pairs = trained
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    shutil.copy(pairs / "sub-00_t1.nii.gz", inputs / "a.nii.gz")
+    shutil.copy(pairs / "sub-01_t1.nii.gz", inputs / "a.nii")
+    result = cli("synthesize", inputs, tmp_path / "out", "--model", run, "--overwrite")
+    assert result.exit_code == 3 and "also that of" in result.stderr and not (tmp_path / "out").exists()
+    listing = tmp_path / "in" / "list.csv"
+    listing.write_text("subject,mri\ns,a.nii.gz\ns,a.nii\n")
+    result = cli("synthesize", listing, tmp_path / "out", "--model", run)
+    assert result.exit_code == 3 and "also that of" in result.stderr
+
+
+@pytest.mark.parametrize("subject", ["../escape", "/tmp/escape", "a/b", ".."])
+def test_csv_subject_names_cannot_leave_the_output_folder(trained, tmp_path, subject):
+    run, pairs = trained
+    shutil.copy(pairs / "sub-00_t1.nii.gz", tmp_path / "a.nii.gz")
+    listing = tmp_path / "list.csv"
+    listing.write_text(f"subject,mri\n{subject},a.nii.gz\n")
+    result = cli("synthesize", listing, tmp_path / "out" / "deeper", "--model", run)
+    assert result.exit_code == 3 and "not a plain file name" in result.stderr
+    assert not list(tmp_path.rglob("*escape*")) and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-1"])
+def test_temperature_must_be_a_finite_number_at_least_zero(trained, tmp_path, value):
+    run, pairs = trained
+    out = tmp_path / "o.nii.gz"
+    result = cli("synthesize", pairs / "sub-00_t1.nii.gz", out, "--model", run, "--temperature", value)
+    assert result.exit_code == 3 and "--temperature must be" in result.stderr and not out.exists()
