@@ -83,6 +83,25 @@ class TrainOptions:
     allow_outside_paths: bool = False
     model_overrides: dict = field(default_factory=dict)
 
+    def check(self) -> None:
+        """InputError naming the first option outside its range; OutputError for an --out that is a file."""
+        at_least = {"--steps": (self.steps, 1), "--epochs": (self.epochs, 1), "--batch-size": (self.batch_size, 1),
+                    "--warmup": (self.warmup, 0), "--checkpoint-every": (self.checkpoint_every, 1),
+                    "--val-every": (self.val_every, 1)}
+        for flag, (value, low) in at_least.items():
+            if value is not None and value < low:
+                raise InputError(f"{flag} must be at least {low}, got {value}")
+        positive = {"--time-limit": self.time_limit, "--lr": self.lr, "--spacing": self.spacing}
+        for flag, value in positive.items():
+            if value is not None and not (math.isfinite(value) and value > 0):
+                raise InputError(f"{flag} must be a positive number, got {value:g}")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise InputError(f"--val-fraction must be at least 0 and below 1, got {self.val_fraction:g}")
+        if self.ema is not None and not 0.0 < self.ema < 1.0:
+            raise InputError(f"--ema must lie between 0 and 1, got {self.ema:g}")
+        if Path(self.out).exists() and not Path(self.out).is_dir():
+            raise OutputError(f"{self.out}: is a file; --out needs a run folder")
+
 
 def _records(subjects: list[Subject], side: SideSpec | None, source: str) -> list[dict]:
     """Dataset rows: MRI paths, PET path, name and the encoded side vector (empty without side information)."""
@@ -162,6 +181,7 @@ class Trainer:
     """Holds the data, model, optimiser and run folder of one training job."""
 
     def __init__(self, opts: TrainOptions, reporter):
+        opts.check()
         self.opts = opts
         self.report = reporter
         self.dist: Distributed = init_distributed(opts.device)

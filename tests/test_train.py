@@ -322,3 +322,55 @@ def test_injector_lr_scale_is_recorded_and_old_runs_resume_with_one_group(pairs,
     assert bad.returncode == 5 and "Traceback" not in bad.stderr
     assert f"{preset}: injector_lr_scale must be a positive number, got -1" in bad.stderr
     assert not (tmp_path / "bad").exists()
+
+
+@pytest.mark.parametrize("flag,value,message", [
+    ("--steps", "0", "--steps must be at least 1"), ("--steps", "-3", "--steps must be at least 1"),
+    ("--batch-size", "0", "--batch-size must be at least 1"),
+    ("--checkpoint-every", "0", "--checkpoint-every must be at least 1"),
+    ("--val-fraction", "1.5", "--val-fraction must be at least 0 and below 1"),
+    ("--val-fraction", "-0.5", "--val-fraction must be at least 0 and below 1"),
+    ("--spacing", "-8", "--spacing must be a positive number"), ("--spacing", "0", "--spacing must be a positive"),
+    ("--lr", "nan", "--lr must be a positive number"), ("--time-limit", "0", "--time-limit '0'"),
+    ("--time-limit", "1.2.3", "--time-limit '1.2.3'"), ("--ema", "1.5", "--ema must lie between 0 and 1")])
+def test_bad_option_values_are_one_line_errors_before_anything_is_written(pairs, tmp_path, flag, value, message):
+    from typer.testing import CliRunner
+
+    from medflow.cli import app
+
+    run = tmp_path / "run"
+    result = CliRunner().invoke(app, ["train", str(pairs), "--out", str(run), "--preset", "tiny", "--device", "cpu",
+                                      "--steps", "2", flag, value])
+    assert result.exit_code == 3 and message in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and not run.exists()
+
+
+def test_out_that_is_a_file_is_an_output_error(pairs, tmp_path):
+    out = tmp_path / "notes.txt"
+    out.write_text("precious")
+    result = run_cli("train", pairs, "--out", out, "--preset", "tiny", "--steps", "2", "--device", "cpu")
+    assert result.returncode == 4 and "is a file" in result.stderr and out.read_text() == "precious"
+
+
+@pytest.mark.parametrize("damage", ["missing", "nan"])
+def test_bad_pet_in_the_manifest_is_named_in_one_line(pairs, tmp_path, damage):
+    """MONAI's dataset wraps a transform's error in its own; the CLI still gives the file and the problem."""
+    import shutil
+
+    folder = tmp_path / "data"
+    shutil.copytree(pairs.parent, folder)
+    rows = list(csv.DictReader(open(folder / pairs.name)))
+    pet = (folder / rows[2]["pet"])
+    if damage == "missing":
+        pet.unlink()
+    else:
+        import nibabel as nib
+
+        image = nib.load(pet)
+        data = np.asarray(image.dataobj, dtype=np.float32)
+        data[3, 3, 3] = np.nan
+        nib.save(nib.Nifti1Image(data, image.affine), pet)
+    result = run_cli("train", folder / pairs.name, "--out", tmp_path / "run", *TRAIN_ARGS)
+    assert result.returncode == 3, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and pet.name in lines[0] and "internal error" not in result.stderr
