@@ -1,8 +1,9 @@
 """MONAI preprocessing shared by training and synthesis, and its stored parameters.
 
-Stage 1 (deterministic, cached during training): load -> channel first -> RAS ->
-resample to ``spacing`` mm -> crop to the foreground box (+ margin) of the first MRI contrast -> [with
-``pet_normalization: global_mean``: PET divided by its SPM-style global mean].
+Stage 1 (deterministic, cached during training): load -> channel first -> MRI to RAS,
+resampled to ``spacing`` mm -> PET resampled onto that grid by world coordinates -> crop to
+the foreground box (+ margin) of the first MRI contrast -> [with ``pet_normalization:
+global_mean``: PET divided by its SPM-style global mean].
 Stage 2: pad/crop to the model ``grid`` (a multiple of 2^levels) -> [training only:
 small random affine] -> MRI scaled per volume so that its 0th..99.5th percentiles map to
 [-0.5, 0.5] (clipped) -> PET divided by the training set's ``pet_scale`` and shifted by
@@ -28,6 +29,7 @@ from monai.transforms import (
     RandGaussianNoised,
     RandScaleIntensityd,
     RandShiftIntensityd,
+    ResampleToMatch,
     ResizeWithPadOrCropd,
     ScaleIntensityRanged,
     ScaleIntensityRangePercentilesd,
@@ -76,12 +78,45 @@ class Preprocessing:
                    tuple(float(m) for m in values.get("pet_level_moments", (1.0, 0.0))))
 
 
+def _high_percentile(image: torch.Tensor) -> torch.Tensor:
+    """The 99th percentile of ``image`` (from at most about 200 000 evenly spaced voxels)."""
+    flat = torch.as_tensor(image).flatten().float()
+    return torch.quantile(flat[:: max(1, flat.numel() // 200_000)], 0.99)
+
+
 def is_foreground(image: torch.Tensor) -> torch.Tensor:
     """Voxels above 10 % of the image's 99th percentile (the MRI head/brain box)."""
-    flat = image.flatten().float()
-    sample = flat[:: max(1, flat.numel() // 200_000)]
-    threshold = FOREGROUND_FRACTION * torch.quantile(sample, 0.99)
-    return image > threshold
+    return image > FOREGROUND_FRACTION * _high_percentile(image)
+
+
+def check_foreground(volume: Volume) -> None:
+    """InputError unless the MRI ``volume`` has a head to crop to (``is_foreground``): its 99th
+    percentile must be above zero, as in a magnitude image, not one shifted below zero or empty
+    but for a few voxels."""
+    high = float(_high_percentile(torch.from_numpy(np.asarray(volume.data))))
+    if not high > 0:
+        raise InputError(f"{volume.path}: no foreground: its 99th percentile ({high:g}) is not above zero; "
+                         "give a magnitude MRI of the head")
+
+
+class PetOnMriGridd(MapTransform):
+    """Resample the PET onto the MRI's grid by world coordinates (trilinear; zero outside the PET's
+    field of view), so a PET co-registered in scanner space may come on its own voxel grid and field
+    of view, and the header decides where each PET voxel lies. InputError when no PET signal
+    falls inside the MRI's field of view."""
+
+    def __init__(self):
+        super().__init__(["pet"])
+        self.resample = ResampleToMatch(mode="bilinear", padding_mode="zeros")
+
+    def __call__(self, data):
+        d = dict(data)
+        pet = self.resample(d["pet"], img_dst=d["mri"])
+        if not bool((pet > 0).any()):
+            raise InputError(f"{d['pet'].meta.get('filename_or_obj', 'PET')}: no PET signal inside the MRI's field "
+                             "of view; check that both headers place the volumes in the same scanner space")
+        d["pet"] = pet
+        return d
 
 
 def volume_to_metatensor(volumes: list[Volume]) -> MetaTensor:
@@ -102,7 +137,10 @@ class LoadVolumesd(MapTransform):
         d = dict(data)
         for key in self.key_iterator(d):
             paths = d[key] if isinstance(d[key], (list, tuple)) else [d[key]]
-            d[key] = volume_to_metatensor([read_volume(p, what=key.upper()) for p in paths])
+            volumes = [read_volume(p, what=key.upper()) for p in paths]
+            if key == "mri":
+                check_foreground(volumes[0])
+            d[key] = volume_to_metatensor(volumes)
         return d
 
 
@@ -149,17 +187,20 @@ class NormalizeGlobalMeand(MapTransform):
 
 
 def stage1(spacing, margin: int, keys=("mri", "pet"), load: bool = True, pet_normalization: str = "none") -> Compose:
-    """Load (optional), reorient to RAS, resample, crop to the first MRI contrast's foreground box
+    """Load (optional), reorient the MRI to RAS and resample it, resample the PET onto its grid
+    (``PetOnMriGridd``), crop to the first MRI contrast's foreground box
     (so a second contrast, on its own intensity scale, does not move the box), and normalise the
     PET as ``pet_normalization`` says."""
     keys = list(keys)
     steps = [LoadVolumesd(keys)] if load else []
     steps += [
-        Orientationd(keys, axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S"))),
-        Spacingd(keys, pixdim=spacing, mode="bilinear", padding_mode="zeros"),
-        CropForegroundd(keys, source_key="mri", select_fn=is_foreground, channel_indices=0, margin=margin,
-                        allow_smaller=True),
+        Orientationd("mri", axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S"))),
+        Spacingd("mri", pixdim=spacing, mode="bilinear", padding_mode="zeros"),
     ]
+    if "pet" in keys:
+        steps.append(PetOnMriGridd())
+    steps.append(CropForegroundd(keys, source_key="mri", select_fn=is_foreground, channel_indices=0, margin=margin,
+                                 allow_smaller=True))
     if pet_normalization == "global_mean" and "pet" in keys:
         steps.append(NormalizeGlobalMeand("pet"))
     return Compose(steps)

@@ -21,7 +21,7 @@ from medflow.calibration import with_level_spread
 from medflow.device import check_fits
 from medflow.errors import InputError, OutputError, QCError, ResourceError
 from medflow.imageio import atomic_paths, check_nifti_name, check_output_paths, nifti_image, read_volume
-from medflow.preprocess import pet_to_units, plain_tensor, stage1, stage2, volume_to_metatensor
+from medflow.preprocess import check_foreground, pet_to_units, plain_tensor, stage1, stage2, volume_to_metatensor
 from medflow.trained import TrainedModel
 
 QC_Z_LIMIT = 4.0
@@ -97,6 +97,7 @@ def synthesize_file(tm: TrainedModel, mri_paths: list[Path], out: Path, opts: Sy
         raise InputError(f"{mri_paths[0]}: model expects {len(tm.mri_columns)} MRI modalities "
                          f"({', '.join(tm.mri_columns)}), got {len(mri_paths)}")
     volumes = [read_volume(p, what="MRI") for p in mri_paths]
+    check_foreground(volumes[0])
     transform = preprocessing_for(tm)
     data = transform({"mri": volume_to_metatensor(volumes)})
     check_fits(int(np.prod(tm.prep.grid)) // 8, tm.model.config.hidden, device, str(mri_paths[0]))

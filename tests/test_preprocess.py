@@ -8,6 +8,7 @@ from monai.data import MetaTensor
 from medflow.errors import InputError
 from medflow.preprocess import (
     NormalizeGlobalMeand,
+    PetOnMriGridd,
     Preprocessing,
     global_mean,
     grid_for,
@@ -74,3 +75,60 @@ def test_level_summary_is_the_median_and_the_moments_of_the_ratios_to_it():
     assert level == 2.0
     assert moments == pytest.approx(((0.25 + 1.0 + 4.0) / 3, (0.25 + 0.0 + 1.0) / 3))
     assert level_summary([3.0, 3.0]) == (3.0, (1.0, 0.0))
+
+
+def _head(shape=(24, 24, 24)) -> np.ndarray:
+    """A smooth blob in a zero background: [X, Y, Z] float32."""
+    grid = np.stack(np.meshgrid(*(np.arange(n) - (n - 1) / 2 for n in shape), indexing="ij"))
+    return np.clip(1.0 - (grid**2).sum(0) / 81.0, 0.0, None).astype(np.float32) * 100.0
+
+
+def _tensor(data, affine) -> MetaTensor:
+    return MetaTensor(torch.from_numpy(np.ascontiguousarray(data)[None]), affine=torch.as_tensor(affine, dtype=torch.float64),
+                      meta={"filename_or_obj": "pet.nii.gz"})
+
+
+def _pet_on_mri_grid(mri, pet):
+    return PetOnMriGridd()({"mri": mri, "pet": pet})["pet"][0].numpy()
+
+
+def test_pet_joins_the_mri_by_world_coordinates():
+    """Oracle: the same PET cut to a smaller field of view (its header moved to match) gives the
+    same values inside that field of view; a header that places the PET 8 mm away moves it by 4
+    voxels of the 2 mm grid; a PET outside the MRI's field of view is an error naming the file."""
+    affine = np.diag([2.0, 2.0, 2.0, 1.0])
+    head = _head()
+    mri = _tensor(head, affine)
+    whole = _pet_on_mri_grid(mri, _tensor(head, affine))
+    assert np.allclose(whole, head, atol=1e-4)
+    cut = affine.copy()
+    cut[:3, 3] = [8.0, 4.0, 0.0]
+    part = _pet_on_mri_grid(mri, _tensor(head[4:20, 2:22, :], cut))
+    assert part.shape == whole.shape == head.shape
+    assert np.allclose(part[4:20, 2:22, :], whole[4:20, 2:22, :], atol=1e-4)
+    assert np.all(part[:4] == 0)
+    moved = affine.copy()
+    moved[0, 3] = 8.0
+    shifted = _pet_on_mri_grid(mri, _tensor(head, moved))
+    assert np.allclose(shifted[4:], whole[:-4], atol=1e-4) and not np.allclose(shifted, whole)
+    away = affine.copy()
+    away[0, 3] = 500.0
+    with pytest.raises(InputError, match="pet.nii.gz: no PET signal inside the MRI's field of view"):
+        _pet_on_mri_grid(mri, _tensor(head, away))
+
+
+@pytest.mark.parametrize("data", ["shifted_below_zero", "one_voxel"])
+def test_an_mri_without_foreground_is_an_input_error(tmp_path, data):
+    import nibabel as nib
+
+    from medflow.imageio import read_volume
+    from medflow.preprocess import check_foreground
+
+    volume = _head() - 1000.0 if data == "shifted_below_zero" else np.zeros((24, 24, 24), np.float32)
+    volume[12, 12, 12] = 5.0
+    path = tmp_path / "mri.nii.gz"
+    nib.save(nib.Nifti1Image(volume, np.eye(4)), path)
+    with pytest.raises(InputError, match="mri.nii.gz: no foreground"):
+        check_foreground(read_volume(path))
+    nib.save(nib.Nifti1Image(_head(), np.eye(4)), path)
+    check_foreground(read_volume(path))

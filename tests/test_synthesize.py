@@ -253,3 +253,13 @@ def test_temperature_must_be_a_finite_number_at_least_zero(trained, tmp_path, va
     out = tmp_path / "o.nii.gz"
     result = cli("synthesize", pairs / "sub-00_t1.nii.gz", out, "--model", run, "--temperature", value)
     assert result.exit_code == 3 and "--temperature must be" in result.stderr and not out.exists()
+
+
+def test_mri_without_foreground_is_an_input_error(trained, tmp_path):
+    run, pairs = trained
+    image = nib.load(pairs / "sub-00_t1.nii.gz")
+    path = tmp_path / "below_zero.nii.gz"
+    nib.save(nib.Nifti1Image(np.asarray(image.dataobj, dtype=np.float32) - 1000.0, image.affine), path)
+    out = tmp_path / "o.nii.gz"
+    result = cli("synthesize", path, out, "--model", run)
+    assert result.exit_code == 3 and f"{path}: no foreground" in result.stderr.replace("\n", "") and not out.exists()
