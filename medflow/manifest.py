@@ -49,14 +49,17 @@ def read_csv_manifest(csv_path: Path, mri_columns: list[str], *, need_pet: bool 
     csv_path = Path(csv_path)
     try:
         with open(csv_path, newline="") as handle:
-            rows = list(csv.DictReader(handle))
+            reader = csv.DictReader(handle)
+            rows = list(reader)
+            columns = set(reader.fieldnames or ())
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
         raise InputError(f"{csv_path}: cannot read CSV ({exc})") from None
-    columns = set(rows[0]) if rows else set()
     required = list(mri_columns) + (["pet"] if need_pet else [])
     missing = [c for c in required if c not in columns]
     if missing:
         raise InputError(f"{csv_path}: missing column(s) {', '.join(missing)}")
+    if not rows:
+        raise InputError(f"{csv_path}: lists no subjects (a header and no rows)")
     base = csv_path.parent
     reserved = set(mri_columns) | {"pet", "mask", "subject", "split"}
     subjects = []

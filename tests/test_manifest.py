@@ -46,3 +46,9 @@ def test_missing_columns_and_empty_cells(tmp_path):
     (tmp_path / "b.csv").write_text("mri,pet\nx.nii.gz,\n")
     with pytest.raises(InputError, match="empty path"):
         read_manifest(tmp_path / "b.csv")
+    (tmp_path / "c.csv").write_text("mri,pet\n")
+    with pytest.raises(InputError, match="c.csv: lists no subjects"):
+        read_manifest(tmp_path / "c.csv")
+    (tmp_path / "d.csv").write_text("")
+    with pytest.raises(InputError, match="d.csv: missing column"):
+        read_manifest(tmp_path / "d.csv")
