@@ -303,7 +303,7 @@ def _prepare_folder(folder: Path) -> None:
 def _run_batch(tm, jobs, output, opts, dev, std_dir, qc_dir, skip_existing):
     from medflow.synthesize import synthesize_file
 
-    if std_dir is not None and os.path.abspath(std_dir) == os.path.abspath(output):
+    if std_dir is not None and os.path.realpath(std_dir) == os.path.realpath(output):
         raise InputError(f"--std {std_dir}: is the output folder, where the uncertainty maps would take the "
                          "synthetic PETs' names; give another folder")
     for folder in (output, std_dir, qc_dir):

@@ -195,14 +195,14 @@ def atomic_paths(paths: list[str | Path], *, overwrite: bool = False,
 
 def check_output_paths(paths: list[Path], inputs: list[Path], overwrite: bool) -> None:
     """``atomic_paths``' checks, for a caller to run before the work whose results it will write."""
-    seen: dict[Path, Path] = {}
-    given = {os.path.abspath(p): p for p in inputs}
+    seen: dict[str, Path] = {}
+    given = {os.path.realpath(p) for p in inputs}
     for path in paths:
-        key = Path(os.path.abspath(path))
+        key = os.path.realpath(path)
         if key in seen:
             raise OutputError(f"{path}: given for two outputs ({seen[key]} too); give each its own path")
         seen[key] = path
-        if str(key) in given:
+        if key in given:
             raise OutputError(f"{path}: is an input; choose another output path")
         if path.is_dir():
             raise OutputError(f"{path}: is a folder; give a file name")
