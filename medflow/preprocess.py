@@ -42,6 +42,7 @@ from medflow.imageio import Volume, read_volume
 FOREGROUND_FRACTION = 0.1
 MRI_PERCENTILES = (0.0, 99.5)
 PET_NORMALIZATIONS = ("global_mean", "none")
+PET_ZERO = -0.5  # zero uptake in model space: the model's PET is uptake / pet_scale + PET_ZERO
 
 
 @dataclass
@@ -93,7 +94,7 @@ def check_foreground(volume: Volume) -> None:
     """InputError unless the MRI ``volume`` has a head to crop to (``is_foreground``): its 99th
     percentile must be above zero, as in a magnitude image, not one shifted below zero or empty
     but for a few voxels."""
-    high = float(_high_percentile(torch.from_numpy(np.asarray(volume.data))))
+    high = float(_high_percentile(volume.data))
     if not high > 0:
         raise InputError(f"{volume.path}: no foreground: its 99th percentile ({high:g}) is not above zero; "
                          "give a magnitude MRI of the head")
@@ -143,8 +144,6 @@ class LoadVolumesd(MapTransform):
             d[key] = volume_to_metatensor(volumes)
         return d
 
-
-PET_ZERO = -0.5  # zero uptake in model space: the model's PET is uptake / pet_scale + PET_ZERO
 
 
 def global_region(pet: torch.Tensor) -> torch.Tensor:

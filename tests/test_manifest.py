@@ -40,15 +40,9 @@ def test_folder_form_pairs_by_name(tmp_path):
 
 
 def test_missing_columns_and_empty_cells(tmp_path):
-    (tmp_path / "a.csv").write_text("mri\nx.nii.gz\n")
-    with pytest.raises(InputError, match="missing column"):
-        read_manifest(tmp_path / "a.csv")
-    (tmp_path / "b.csv").write_text("mri,pet\nx.nii.gz,\n")
-    with pytest.raises(InputError, match="empty path"):
-        read_manifest(tmp_path / "b.csv")
-    (tmp_path / "c.csv").write_text("mri,pet\n")
-    with pytest.raises(InputError, match="c.csv: lists no subjects"):
-        read_manifest(tmp_path / "c.csv")
-    (tmp_path / "d.csv").write_text("")
-    with pytest.raises(InputError, match="d.csv: missing column"):
-        read_manifest(tmp_path / "d.csv")
+    cases = [("a.csv", "mri\nx.nii.gz\n", "missing column"), ("b.csv", "mri,pet\nx.nii.gz,\n", "empty path"),
+             ("c.csv", "mri,pet\n", "c.csv: lists no subjects"), ("d.csv", "", "d.csv: missing column")]
+    for name, text, message in cases:
+        (tmp_path / name).write_text(text)
+        with pytest.raises(InputError, match=message):
+            read_manifest(tmp_path / name)
