@@ -216,11 +216,11 @@ class DualGlow(nn.Module):
 
     def set_recompute(self, enabled: bool) -> None:
         """Memory-saving backward for both flows (activations recomputed from outputs) and the
-        injector (its net's activations recomputed from the MRI)."""
+        injector (its net's activations recomputed from the MRI, a U-Net's unit by unit)."""
         self.mri_flow.set_recompute(enabled)
         self.pet_flow.set_recompute(enabled)
         if self.injector is not None:
-            self.injector.recompute = enabled
+            self.injector.set_recompute(enabled)
 
     def set_subnet_bf16(self, enabled: bool) -> None:
         """bfloat16 autocast inside coupling subnets only; invertible arithmetic stays fp32."""

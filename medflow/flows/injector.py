@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections import OrderedDict
+
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
@@ -53,10 +55,35 @@ def onednn_convolutions(net: nn.Module) -> nn.Module:
     return _replace_modules(net, nn.Conv3d, lambda name, conv: Conv3d.like(conv))
 
 
+class RecomputedUnit(nn.Sequential):
+    """A convolution -> norm -> activation unit (MONAI's ``Convolution``, the same children) that,
+    with ``recompute``, keeps only its input for the backward pass and recomputes the rest then
+    (``torch.utils.checkpoint``): a U-Net's full-resolution units hold most of its activations, and
+    recomputing them one unit at a time keeps the backward's peak low, where recomputing the whole
+    net at once would hold them all again."""
+
+    def __init__(self, unit: nn.Sequential):
+        super().__init__(OrderedDict(unit.named_children()))
+        self.recompute = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.recompute and torch.is_grad_enabled():
+            return checkpoint(super().forward, x, use_reentrant=False)
+        return super().forward(x)
+
+
+def recomputable_units(net: nn.Module) -> nn.Module:
+    """``net`` with every MONAI ``Convolution`` unit replaced, in place, by a ``RecomputedUnit``
+    (same modules and state-dict keys; recomputation off)."""
+    from monai.networks.blocks import Convolution
+
+    return _replace_modules(net, Convolution, lambda name, unit: RecomputedUnit(unit))
+
+
 def unet_with_medflow_layers(net: nn.Module) -> nn.Module:
     """A MONAI U-Net with the layers medflow runs it with (``per_channel_group_norm``,
-    ``onednn_convolutions``): the same function and parameters, in place."""
-    return onednn_convolutions(per_channel_group_norm(net))
+    ``onednn_convolutions``, ``recomputable_units``): the same function and parameters, in place."""
+    return recomputable_units(onednn_convolutions(per_channel_group_norm(net)))
 
 
 def injector_subnet(kind: str, in_channels: int, hidden: int, out_channels: int) -> nn.Module:
@@ -88,8 +115,9 @@ class ConditionalAffine(InvertibleModule):
     ``log_s`` starts at zero, and so does ``mu`` with the ``conv`` net (the transform starts as the
     identity); with the ``unet`` net ``mu`` starts as a random function of c (see
     ``injector_subnet``). In a conditional flow, ``mu`` becomes an estimate of x from c and the
-    rest of the flow models the residual. With ``recompute`` the net's activations are not kept
-    for the backward pass but recomputed from ``c`` (``torch.utils.checkpoint``).
+    rest of the flow models the residual. With ``set_recompute(True)`` the net's activations are
+    not kept for the backward pass but recomputed (``torch.utils.checkpoint``): the ``conv`` net's
+    from ``c``, the U-Net's unit by unit (``RecomputedUnit``).
 
     ``mean_beta``: the gradient that reaches ``mu`` is multiplied by sigma^(2 beta), sigma =
     exp(log_s), held constant (beta-NLL, Seitzer et al., ICLR 2022). For a Gaussian residual the
@@ -108,12 +136,19 @@ class ConditionalAffine(InvertibleModule):
         self.net = injector_subnet(net, cond_channels, hidden, 2 * channels)
         self.recompute = False
 
+    def set_recompute(self, enabled: bool) -> None:
+        """Turn the memory-saving backward of the net on or off (see the class)."""
+        self.recompute = enabled
+        for unit in self.net.modules():
+            if isinstance(unit, RecomputedUnit):
+                unit.recompute = enabled
+
     def params(self, cond: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Shift ``mu`` and log-scale ``log_s``, each [B, C, D, H, W]."""
         if self.kind == "unet" and min(cond.shape[2:]) < UNET_MIN_AXIS:
             raise ModelError(f"the U-Net injector needs at least {UNET_MIN_AXIS} voxels per axis, "
                              f"got a {'x'.join(map(str, cond.shape[2:]))} grid")
-        if self.recompute and torch.is_grad_enabled():
+        if self.recompute and self.kind == "conv" and torch.is_grad_enabled():
             out = checkpoint(self.net, cond, use_reentrant=False)
         else:
             out = self.net(cond)
