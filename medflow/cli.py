@@ -369,7 +369,9 @@ def evaluate(
 
     Example: medflow evaluate out/ demo/data/pet/ --mask demo/data/mask/ --json metrics.json
     """
-    from medflow.evaluation import evaluate_cases, pair_cases, render_table, summarize, write_csv, write_json
+    from medflow.evaluation import (
+        csv_report, evaluate_cases, json_report, pair_cases, render_table, summarize, write_reports,
+    )
     from medflow.imageio import check_output_paths
 
     def body():
@@ -384,10 +386,13 @@ def evaluate(
         rows = evaluate_cases(cases, data_range)
         summary = summarize(rows)
         out.print(render_table(rows, summary))
+        texts = {}
         if json_out:
-            write_json(rows, summary, json_out, overwrite)
+            texts[json_out] = json_report(rows, summary)
         if csv_out:
-            write_csv(rows, csv_out, overwrite)
+            texts[csv_out] = csv_report(rows)
+        if texts:
+            write_reports(texts, overwrite, inputs)
         if any(r["error"] for r in rows) or unmatched:
             raise typer.Exit(1)
 

@@ -22,7 +22,7 @@ from rich.table import Table
 from rich.text import Text
 
 from medflow.errors import InputError, MedflowError
-from medflow.imageio import atomic_path, image_stem, is_image_path, read_mask, read_volume
+from medflow.imageio import atomic_paths, image_stem, is_image_path, read_mask, read_volume
 from medflow.metrics import CONVENTIONS, METRIC_NAMES, compute_metrics, data_range_of, reference_mask
 
 AFFINE_TOLERANCE = 1e-4
@@ -192,27 +192,29 @@ def summarize(rows: list[dict]) -> dict[str, dict[str, float]]:
     return summary
 
 
-def _write_report(path: Path, text: str, overwrite: bool) -> None:
-    """Write ``text`` to ``path`` through ``atomic_path`` (an existing file only with ``overwrite``)."""
-    with atomic_path(path, overwrite=overwrite) as tmp:
-        tmp.write_text(text, encoding="utf-8")
-
-
-def write_json(rows: list[dict], summary: dict, path: Path, overwrite: bool = False) -> None:
-    """{"conventions", "summary", "failed", "cases"} as strict JSON (no NaN/Infinity), atomically."""
+def json_report(rows: list[dict], summary: dict) -> str:
+    """{"conventions", "summary", "failed", "cases"} as strict JSON (no NaN/Infinity)."""
     failed = sum(1 for r in rows if r["error"])
     payload = {"conventions": CONVENTIONS, "summary": summary, "failed": failed, "cases": rows}
-    _write_report(path, json.dumps(payload, indent=2, allow_nan=False) + "\n", overwrite)
+    return json.dumps(payload, indent=2, allow_nan=False) + "\n"
 
 
-def write_csv(rows: list[dict], path: Path, overwrite: bool = False) -> None:
-    """A header (``CSV_COLUMNS``) and one line per case; empty cells for None, atomically."""
+def csv_report(rows: list[dict]) -> str:
+    """A header (``CSV_COLUMNS``) and one line per case; empty cells for None."""
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(CSV_COLUMNS)
     for row in rows:
         writer.writerow(["" if row.get(c) is None else row[c] for c in CSV_COLUMNS])
-    _write_report(path, buffer.getvalue(), overwrite)
+    return buffer.getvalue()
+
+
+def write_reports(reports: dict[Path, str], overwrite: bool = False, inputs: list[Path] = ()) -> None:
+    """Write each report's text to its path, all published together or none (``atomic_paths``:
+    an existing file only with ``overwrite``, never one of ``inputs``)."""
+    with atomic_paths(list(reports), overwrite=overwrite, inputs=inputs) as tmps:
+        for tmp, text in zip(tmps, reports.values()):
+            tmp.write_text(text, encoding="utf-8")
 
 
 def _fmt(name: str, value) -> str:

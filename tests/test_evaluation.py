@@ -11,7 +11,8 @@ from scipy import ndimage
 
 from medflow.errors import InputError, OutputError
 from medflow.evaluation import (
-    CSV_COLUMNS, EvalCase, evaluate_cases, pair_cases, render_table, summarize, write_csv, write_json,
+    CSV_COLUMNS, EvalCase, csv_report, evaluate_cases, json_report, pair_cases, render_table, summarize,
+    write_reports,
 )
 from medflow.metrics import METRIC_NAMES, compute_metrics
 
@@ -155,11 +156,16 @@ def test_reports_are_valid_json_and_csv(batch):
     summary = summarize(rows)
     out = batch / "reports"
     out.mkdir()
-    write_json(rows, summary, out / "metrics.json")
+    write_reports({out / "metrics.json": json_report(rows, summary)})
+    before = (out / "metrics.json").read_bytes()
+    reports = {out / "metrics.json": json_report(rows, summary), out / "metrics.csv": csv_report(rows)}
     with pytest.raises(OutputError, match="exists; pass --overwrite"):
-        write_json(rows, summary, out / "metrics.json")
-    write_json(rows, summary, out / "metrics.json", overwrite=True)
-    write_csv(rows, out / "metrics.csv")
+        write_reports(reports)
+    assert [p.name for p in out.iterdir()] == ["metrics.json"], "neither report published"
+    with pytest.raises(OutputError, match="no such folder|does not exist"):
+        write_reports({out / "metrics.json": "{}", out / "missing" / "metrics.csv": ""}, overwrite=True)
+    assert (out / "metrics.json").read_bytes() == before, "the JSON waits for the CSV"
+    write_reports(reports, overwrite=True)
     assert sorted(p.name for p in out.iterdir()) == ["metrics.csv", "metrics.json"], "replaced, no temp files"
 
     def refuse(constant):
