@@ -152,7 +152,8 @@ def train(
     device: str = typer.Option("auto", help="auto, cpu or cuda (an explicit cuda without a GPU is an error)."),
     bf16: bool = typer.Option(False, "--bf16", help="bfloat16 coupling subnets on GPU (invertible maths stays fp32)."),
     memory_saving: bool = typer.Option(False, "--memory-saving",
-                                       help="Recompute activations by inversion in the backward pass."),
+                                       help="Recompute activations in the backward pass (flow steps by inversion) "
+                                            "instead of storing them."),
     checkpoint_every: int = typer.Option(100, help="Write a checkpoint every N steps."),
     val_every: int = typer.Option(200, help="Validate every N steps."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its newest intact checkpoint."),
