@@ -153,7 +153,7 @@ def atomic_paths(paths: list[str | Path], *, overwrite: bool = False,
     on clean exit: the outputs of one result appear together or not at all.
 
     Checks before yielding: the paths are distinct and none is one of ``inputs``; none exists
-    unless ``overwrite``; each folder exists and is writable.  On clean exit the files are
+    unless ``overwrite``; each folder exists and is writable.  On clean exit all the files are
     fsynced, then each is hard-linked onto its path (so a file that another writer created
     meanwhile is never clobbered: OutputError, and the outputs already published are removed) or,
     with ``overwrite``, renamed over it.  On any exception, KeyboardInterrupt included, the
@@ -176,6 +176,10 @@ def atomic_paths(paths: list[str | Path], *, overwrite: bool = False,
         for tmp, path in zip(tmps, paths):
             try:
                 _fsync(tmp)
+            except OSError as exc:
+                raise _output_error(path, exc) from None
+        for tmp, path in zip(tmps, paths):
+            try:
                 _publish(tmp, path, overwrite)
             except OSError as exc:
                 raise _output_error(path, exc) from None

@@ -1,6 +1,7 @@
 """Batch evaluation: pairing, per-case failures, summaries and report files."""
 
 import csv
+import errno
 import json
 
 import nibabel as nib
@@ -9,6 +10,7 @@ import pytest
 from rich.console import Console
 from scipy import ndimage
 
+from medflow import imageio
 from medflow.errors import InputError, OutputError
 from medflow.evaluation import (
     CSV_COLUMNS, EvalCase, csv_report, evaluate_cases, json_report, pair_cases, render_table, summarize,
@@ -150,7 +152,7 @@ def test_summary_mean_and_std(batch):
     assert summarize([r for r in rows if r["error"]]) == {}
 
 
-def test_reports_are_valid_json_and_csv(batch):
+def test_reports_are_valid_json_and_csv(batch, monkeypatch):
     (batch / "pred" / "sub02.nii.gz").write_bytes(b"garbage")
     rows = evaluate_cases(pair_cases(batch / "pred", batch / "ref")[0])
     summary = summarize(rows)
@@ -162,9 +164,22 @@ def test_reports_are_valid_json_and_csv(batch):
     with pytest.raises(OutputError, match="exists; pass --overwrite"):
         write_reports(reports)
     assert [p.name for p in out.iterdir()] == ["metrics.json"], "neither report published"
-    with pytest.raises(OutputError, match="no such folder|does not exist"):
+    with pytest.raises(OutputError, match="does not exist"):
         write_reports({out / "metrics.json": "{}", out / "missing" / "metrics.csv": ""}, overwrite=True)
     assert (out / "metrics.json").read_bytes() == before, "the JSON waits for the CSV"
+    (out / "metrics.json").unlink()
+    publish = imageio._publish
+
+    def csv_fails(tmp, path, overwrite):
+        if path.suffix == ".csv":
+            raise OSError(errno.EIO, "input/output error")
+        publish(tmp, path, overwrite)
+
+    monkeypatch.setattr(imageio, "_publish", csv_fails)
+    with pytest.raises(OutputError, match="metrics.csv"):
+        write_reports(reports)
+    assert list(out.iterdir()) == [], "the JSON placed first is removed again, no temp files"
+    monkeypatch.undo()
     write_reports(reports, overwrite=True)
     assert sorted(p.name for p in out.iterdir()) == ["metrics.csv", "metrics.json"], "replaced, no temp files"
 

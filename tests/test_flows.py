@@ -2,6 +2,7 @@
 
 import copy
 import os
+import platform
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +17,7 @@ from medflow.flows import (
     InvConv1x1x1, Squeeze3d,
 )
 from medflow.flows.conv import Conv3d
-from medflow.flows.injector import onednn_convolutions, per_channel_group_norm
+from medflow.flows.injector import RecomputedUnit, onednn_convolutions, per_channel_group_norm
 from tests.old_invconv_layout import separate_factor_entries
 
 SHAPE = (1, 2, 4, 4, 4)
@@ -294,46 +295,71 @@ def test_injector_recompute_keeps_fewer_bytes_for_backward_and_gives_the_same_gr
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(grads[False], grads[True]))
 
 
+def test_unet_injector_units_keep_monai_keys_and_follow_set_recompute():
+    """Every conv-norm-activation unit of the U-Net injector recomputes (or not) with
+    ``set_recompute``, and the state-dict keys are MONAI's own, so older checkpoints load."""
+    from monai.networks.nets import BasicUNet
+
+    injector = ConditionalAffine(1, 2, 4, net="unet")
+    units = [m for m in injector.net.modules() if isinstance(m, RecomputedUnit)]
+    assert len(units) == 18 and not any(u.recompute for u in units)
+    injector.set_recompute(True)
+    assert all(u.recompute for u in units)
+    injector.set_recompute(False)
+    assert not any(u.recompute for u in units)
+    monai_keys = BasicUNet(3, 2, 2, features=(4, 4, 8, 16, 32, 4)).state_dict().keys()
+    assert list(injector.net.state_dict().keys()) == list(monai_keys)
+
+
 PEAK_SCRIPT = """
 import torch
-from torch.utils.checkpoint import checkpoint
 from medflow.flows.injector import ConditionalAffine
 from medflow.measure import memory_now_mib, peak_memory_mib, reset_peak_memory
 
 cpu = torch.device("cpu")
+spike = torch.ones(64 * 2**20 // 4)
+del spike
+base = memory_now_mib(cpu)
+reset_peak_memory(cpu)
+if peak_memory_mib(cpu) - base > 32:
+    print("no-reset")
+    raise SystemExit
 torch.manual_seed(0)
 injector = ConditionalAffine(1, 1, 8, net="unet")
 x, cond = torch.randn(1, 1, 64, 64, 64), torch.randn(1, 1, 64, 64, 64)
 
-def step(mode):
-    injector.set_recompute(mode == "units")
+def step():
     injector.zero_grad(set_to_none=False)
-    out = checkpoint(injector.net, cond, use_reentrant=False) if mode == "whole" else injector.net(cond)
-    y, logdet = injector.forward_from(x, out[:, :1], out[:, 1:])
+    y, logdet = injector(x, cond)
     (y.square().sum() + logdet.sum()).backward()
 
 peaks = {}
-for mode in ("plain", "whole", "units") * 2:
-    step(mode)
+for recompute in (False, True) * 2:
+    injector.set_recompute(recompute)
+    step()
     base = memory_now_mib(cpu)
     reset_peak_memory(cpu)
-    step(mode)
-    peaks[mode] = peak_memory_mib(cpu) - base
-print(peaks["plain"], peaks["whole"], peaks["units"])
+    step()
+    peaks[recompute] = peak_memory_mib(cpu) - base
+print(peaks[False], peaks[True])
 """
 
 
-@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux's resettable VmHWM")
-def test_unet_injector_recompute_lowers_the_backward_peak_where_one_checkpoint_does_not():
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists() or platform.libc_ver()[0] != "glibc",
+                    reason="needs Linux's resettable VmHWM and glibc's MALLOC_MMAP_THRESHOLD_")
+def test_unet_injector_recompute_lowers_the_backward_peak():
     """The peak resident memory of a U-Net injector's forward and backward (64^3 voxels, width 8, a
     fresh process whose allocations above 64 KiB are each mapped and unmapped, so the resident set
-    follows the live tensors): recomputing the net unit by unit (``set_recompute``) stays well below
-    plain autograd, where one checkpoint around the whole net recomputes every activation at once."""
+    follows the live tensors): recomputing the net unit by unit (``set_recompute``) stays below
+    plain autograd (109 against 131 MiB when written). One checkpoint around the whole net, as
+    medflow had before, recomputed every activation at once in the backward and peaked as high
+    as plain autograd (151 MiB for both, 113 unit by unit, measured on the net's output alone)."""
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": "1"}
     out = subprocess.run([sys.executable, "-c", PEAK_SCRIPT], env=env, capture_output=True, text=True, check=True)
-    plain, whole, units = map(float, out.stdout.split())
-    assert whole > 0.9 * plain
-    assert units < 0.85 * plain
+    if out.stdout.strip() == "no-reset":
+        pytest.skip("this system does not reset the resident-memory high-water mark")
+    plain, units = map(float, out.stdout.split())
+    assert units < 0.9 * plain
 
 
 def test_unet_injector_starts_as_a_shift_whose_whole_net_learns_then_inverts_with_its_jacobian_log_det():

@@ -9,6 +9,7 @@ import torch
 from medflow import DualGlow
 from medflow.flows import AffineCoupling, ConditionalAffine
 from medflow.flows.glow import Encoding
+from medflow.flows.injector import RecomputedUnit
 from medflow.model import DualGlowConfig, bits_per_voxel
 from medflow.presets import available_presets, load_preset
 from tests.test_flows import perturb
@@ -263,6 +264,22 @@ def test_bits_per_voxel_are_those_of_the_quantisation_bins():
                                        {"condition_width": 6, "injector_width": 8}])
 def test_memory_saving_backward_matches_autograd(overrides):
     model, mri, pet = trained_tiny(**overrides)
+    assert_memory_saving_gradients_match(model, mri, pet)
+
+
+def test_memory_saving_backward_matches_autograd_with_the_unet_injector():
+    """``set_recompute`` reaches the U-Net injector's units (on a 32^3 grid, the least it takes)."""
+    torch.manual_seed(0)
+    model = DualGlow.from_preset("tiny", injector_width=4, injector_net="unet")
+    mri, pet = torch.rand(1, 1, 32, 32, 32) - 0.5, torch.rand(1, 1, 32, 32, 32) - 0.5
+    with torch.no_grad():
+        model.loss(pet, mri)
+    model.set_recompute(True)
+    assert all(u.recompute for u in model.injector.net.modules() if isinstance(u, RecomputedUnit))
+    assert_memory_saving_gradients_match(model, mri, pet)
+
+
+def assert_memory_saving_gradients_match(model, mri, pet):
     perturb(model, scale=0.05)
     model.train()
     grads = {}
