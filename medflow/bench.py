@@ -515,7 +515,8 @@ conditioning of the PET couplings and the affine injector on the PET input
   written for it, since FrEIA's downsampling modules are 2D only.
 - Backward: the peer keeps every activation (FrEIA has no memory-saving backward); medflow's
   memory-saving backward (`set_recompute(True)`) rebuilds each step's input from its output,
-  the coupling's from one evaluation of its subnet.
+  the coupling's from one evaluation of its subnet, and recomputes the U-Net injector (in
+  `small`) one convolution unit at a time.
 - Graph: the peer runs one FrEIA `SequenceINN` per level, built for one fixed volume size."""
 
 
