@@ -392,8 +392,7 @@ def evaluate(
             texts[json_out] = json_report(rows, summary)
         if csv_out:
             texts[csv_out] = csv_report(rows)
-        if texts:
-            write_reports(texts, overwrite, inputs)
+        write_reports(texts, overwrite, inputs)
         if any(r["error"] for r in rows) or unmatched:
             raise typer.Exit(1)
 

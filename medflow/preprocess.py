@@ -145,7 +145,6 @@ class LoadVolumesd(MapTransform):
         return d
 
 
-
 def global_region(pet: torch.Tensor) -> torch.Tensor:
     """SPM's global-mean region (``spm_global``): the voxels above 1/8 of the volume's mean (bool,
     same shape)."""
