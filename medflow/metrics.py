@@ -63,7 +63,8 @@ def data_range_of(ref: np.ndarray, mask: np.ndarray) -> float:
     return float(values.max()) - float(values.min())
 
 
-def _psnr(mse: float, data_range: float) -> float:
+def psnr_from_mse(mse: float, data_range: float) -> float:
+    """PSNR in dB for a mean squared error and a data range (capped at ``PSNR_CAP``)."""
     if mse == 0.0:
         return PSNR_CAP
     return min(PSNR_CAP, float(10.0 * np.log10(data_range**2 / mse)))
@@ -113,7 +114,7 @@ def compute_metrics(pred: np.ndarray, ref: np.ndarray, mask: np.ndarray | None =
     if ref_energy == 0.0:
         raise ValueError("reference is zero everywhere inside the mask; NMSE is undefined")
     return {
-        "psnr": _psnr(float(np.mean(diff**2)), data_range),
+        "psnr": psnr_from_mse(float(np.mean(diff**2)), data_range),
         "ssim": _ssim(pred, ref, mask, data_range),
         "nmse": float(np.sum(diff**2)) / ref_energy,
         "mae": float(np.mean(np.abs(diff))),

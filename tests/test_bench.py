@@ -97,6 +97,7 @@ def test_quality_markdown_and_level_matching():
     metrics = {"psnr": 20.0, "ssim": 0.8, "nmse": 0.05, "mae": 0.1}
     result = {"scores": {"U-Net": [metrics, metrics]},
               "level_matched": {"U-Net": [{**metrics, "psnr": 21.0}, {**metrics, "psnr": 23.0}]},
+              "level_redrawn": {"U-Net": [{"psnr": 19.0}, {"psnr": 19.5}]}, "n_levels": 24,
               "coverage": {(bench.CALIBRATION_TRUTHS[0], 0.5, 1.645): [0.8, 0.9]},
               "samples": 8, "calibration": {"temperature": 1.25, "subjects": 2, "z": 1.645, "samples": 16,
                                             "target": 0.86, "coverage": 0.855},
@@ -106,6 +107,7 @@ def test_quality_markdown_and_level_matching():
     text = bench.quality_markdown(result)
     assert "seed 0)" in text
     assert "| U-Net | 20.00 ± 0.00 | 0.800 ± 0.000 |" in text and "| U-Net | 22.00 ± 1.41 | 0.800 ± 0.000 |" in text
+    assert "| U-Net | 19.25 ± 0.35 | 20.00 ± 0.00 |" in text and "over the 24 training and validation" in text
     assert f"| {bench.CALIBRATION_TRUTHS[0]} | 0.5 | mean ± 1.645 std | 82.5 | 85.0 ± 7.1 |" in text
     assert "The calibrated temperature T = 1.25" in text and "reached 85.5 %" in text
     assert "no validation subjects" in bench.calibration_text(None)
@@ -116,6 +118,24 @@ def test_quality_markdown_and_level_matching():
     assert np.allclose(bench.level_matched(truth, 0.5 * truth, brain), 0.5 * truth)
     haze = 0.5 * truth + 0.2 * ~brain  # a regression net's faint background outside the head
     assert np.allclose(bench.level_matched(truth, haze, brain), 0.5 * truth)
+
+
+def test_level_redrawn_psnr_is_the_mean_psnr_over_the_truth_at_each_level():
+    """Oracle: ``compute_metrics`` against the truth rescaled to each level by hand."""
+    from medflow.metrics import compute_metrics
+    from medflow.preprocess import global_mean
+
+    rng = np.random.default_rng(0)
+    truth = np.zeros((16, 16, 16))
+    truth[3:13, 3:13, 3:13] = 1.0 + rng.random((10, 10, 10))
+    brain = truth > 0
+    pred = 1.1 * truth + 0.1 * rng.standard_normal(truth.shape)
+    own = global_mean(torch.from_numpy(truth))
+    levels = [0.8, 1.0, 1.3]
+    expected = np.mean([compute_metrics(pred, truth * (level / own), brain)["psnr"] for level in levels])
+    assert bench.level_redrawn_psnr(pred, truth, brain, levels) == pytest.approx(expected, abs=1e-9)
+    assert bench.level_redrawn_psnr(pred, truth, brain, [own]) == pytest.approx(
+        compute_metrics(pred, truth, brain)["psnr"], abs=1e-9)
 
 
 def test_seed_rows_compare_medflow_with_the_unet_per_seed_and_over_seeds():
@@ -130,13 +150,15 @@ def test_seed_rows_compare_medflow_with_the_unet_per_seed_and_over_seeds():
         coverage = {(truth, 1.2, 1.645): [0.8, 0.9 + seed / 10], (matched, 1.2, 1.645): [0.9, 0.9],
                     (truth, 1.2, 1.86): [1.0, 1.0], (truth, 0.5, 1.645): [0.0, 0.0]}
         return {"seed": seed, "flow_steps": 10, "unet_steps": 8, "calibration": {"temperature": 1.2}, "samples": 16,
-                "temperature": 1.2, "scores": scores(0.0), "level_matched": scores(1.0), "coverage": coverage}
+                "temperature": 1.2, "scores": scores(0.0), "level_matched": scores(1.0), "level_redrawn": scores(-1.0),
+                "coverage": coverage}
 
     rows = bench.seed_rows([result(0, 20.0, 20.5), result(1, 21.0, 20.5)])
     assert rows[0] == ["0", "10 / 8", "1.20", "20.00", "20.50", "+0.50", "0.800", "0.900", "+0.100",
-                       "21.00", "22.50", "+1.50"]
+                       "21.00", "22.50", "+1.50", "19.00", "18.50", "-0.50"]
     assert rows[1][3:6] == ["21.00", "20.50", "-0.50"]
     assert rows[2][5] == "0.00 ± 0.71" and rows[2][8] == "0.100 ± 0.000" and rows[2][11] == "1.00 ± 0.71"
+    assert rows[2][14] == "-1.00 ± 0.71"
     assert len(rows[2]) == len(bench.SEED_HEADERS)
     same_steps = bench.seed_rows([result(0, 20.0, 20.5), result(1, 21.0, 20.5)], bench.UNET_SAME_STEPS)
     assert same_steps[0][:9] == ["0", "10 / 10", "1.20", "19.00", "20.50", "+1.50", "0.700", "0.900", "+0.200"]
@@ -162,8 +184,10 @@ def test_quality_run_end_to_end_on_a_tiny_cohort():
     for key in ("scores", "level_matched"):
         assert len(result[key]) == 6
         assert all(np.isfinite(r["psnr"]) and 0 < r["ssim"] <= 1 for rows in result[key].values() for r in rows)
+    assert result["n_levels"] == 6 and result["level_redrawn"].keys() == result["scores"].keys()
+    assert all(np.isfinite(r["psnr"]) for rows in result["level_redrawn"].values() for r in rows)
     text = bench.quality_markdown(result)
-    assert text.count("| U-Net (MONAI BasicUNet, L1) |") == 2 and text.count("| U-Net, medflow's number of steps |") == 2
+    assert text.count("| U-Net (MONAI BasicUNet, L1) |") == 3 and text.count("| U-Net, medflow's number of steps |") == 3
     assert result["scores"][bench.UNET_SAME_STEPS] != result["scores"][bench.UNET]
     assert len(result["coverage"]) == 2 * 2 * len(bench.CALIBRATION_TRUTHS)
     assert all(0 <= c <= 1 for values in result["coverage"].values() for c in values)
