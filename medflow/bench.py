@@ -313,14 +313,19 @@ def level_redrawn_psnr(pred, ref, mask, levels) -> float:
     """Raw PSNR (dB) of ``pred`` against ``ref`` inside the brain ``mask`` (bool, same shape), expected
     over the subject's global level: the mean, over ``levels`` (other subjects' global means,
     ``preprocess.global_mean``), of the PSNR against ``ref`` rescaled to each of them (data range
-    and error as ``metrics.compute_metrics`` takes them). The demo recipe draws each subject's level
-    independently of its MRI, so this is raw PSNR without the luck of the test subjects' own draws."""
+    and error as ``metrics.compute_metrics`` takes them). The demo recipe draws each subject's brain
+    mean uptake independently of its MRI, so this is raw PSNR largely without the luck of the test
+    subjects' own draws (a global mean also holds the brain's share of it, which varies a little
+    with the uptake pattern)."""
     from medflow.metrics import data_range_of, psnr_from_mse
     from medflow.preprocess import global_mean
 
     ref, pred = np.asarray(ref, dtype=np.float64), np.asarray(pred, dtype=np.float64)
     mask = np.asarray(mask, dtype=bool)
-    ratios = np.asarray(levels, dtype=np.float64) / global_mean(torch.from_numpy(ref))
+    own, levels = global_mean(torch.from_numpy(ref)), np.asarray(levels, dtype=np.float64)
+    if not (own > 0 and levels.size and (levels > 0).all()):
+        raise ValueError(f"levels must be positive, got the reference's {own:g} and {levels.tolist()}")
+    ratios = levels / own
     p, r, data_range = pred[mask], ref[mask], data_range_of(ref, mask)
     return float(np.mean([psnr_from_mse(float(np.mean((p - a * r) ** 2)), a * data_range) for a in ratios]))
 
@@ -386,8 +391,8 @@ def score_test_subjects(tm, unets: dict, subjects, folder: Path, device: torch.d
                 for truth, values, spread in zip(CALIBRATION_TRUTHS, (ref.data, ref_at_level), (with_level, std)):
                     for z in coverage_zs(samples):
                         calibration[(truth, temperature, z)].append(coverage(mean, spread, values, mask, z))
-    return {"scores": scores, "level_matched": matched, "level_redrawn": redrawn, "coverage": calibration, "samples": CALIBRATION_SAMPLES,
-            "calibration": tm.calibration, "temperature": tm.temperature}
+    return {"scores": scores, "level_matched": matched, "level_redrawn": redrawn, "coverage": calibration,
+            "samples": CALIBRATION_SAMPLES, "calibration": tm.calibration, "temperature": tm.temperature}
 
 
 def quality_run(data_csv: Path, work: Path, steps: int, seed: int, device: torch.device) -> dict:
@@ -411,9 +416,9 @@ def quality_run(data_csv: Path, work: Path, steps: int, seed: int, device: torch
         net, unet_steps = train_unet(trainer, progress, budget_s=budget_s)
         same_steps, _ = train_unet(trainer, progress, steps=summary["step"])
     tm = load_trained(work / "run", device)
-    subjects = read_manifest(data_csv, ["mri"])
-    test = [s for s in subjects if s.split == "test"]
-    levels = [global_mean(torch.from_numpy(np.asarray(read_volume(s.pet).data))) for s in subjects if s.split != "test"]
+    test = [s for s in read_manifest(data_csv, ["mri"]) if s.split == "test"]
+    levels = [global_mean(torch.from_numpy(np.asarray(read_volume(s.pet).data)))
+              for s in trainer.train_subjects + trainer.val_subjects]
     (work / "synth").mkdir()
     console.print(f"scoring {len(test)} held-out subjects")
     result = score_test_subjects(tm, {UNET: net, UNET_SAME_STEPS: same_steps}, test, work / "synth", device, levels)
@@ -858,8 +863,8 @@ above scores that level error too. README tells users to compare patterns or rat
 The first table's PSNR expected over the subject's level (`bench.level_redrawn_psnr`): for each
 test subject, the mean over the {result['n_levels']} training and validation subjects' global means of the PSNR
 against its PET rescaled to each of them. The demo recipe draws each subject's brain mean uptake
-independently of its MRI, so this is raw PSNR without the luck of the {result['n_test']} test subjects' own
-levels, and it keeps what level matching removes: each prediction's own error of level in the
+independently of its MRI, so this is raw PSNR largely without the luck of the {result['n_test']} test subjects'
+own levels, and it keeps what level matching removes: each prediction's own error of level in the
 global-mean-normalised units both models learn.
 
 {md_table(["method", "PSNR (dB), level redrawn", "PSNR (dB), own level"], level_redrawn_rows(result))}

@@ -128,14 +128,19 @@ def test_level_redrawn_psnr_is_the_mean_psnr_over_the_truth_at_each_level():
     rng = np.random.default_rng(0)
     truth = np.zeros((16, 16, 16))
     truth[3:13, 3:13, 3:13] = 1.0 + rng.random((10, 10, 10))
-    brain = truth > 0
+    brain = np.zeros(truth.shape, dtype=bool)
+    brain[5:11, 5:11, 5:11] = True  # inside the global region, so its mean is not the global mean
     pred = 1.1 * truth + 0.1 * rng.standard_normal(truth.shape)
     own = global_mean(torch.from_numpy(truth))
+    assert abs(truth[brain].mean() - own) > 0.01
     levels = [0.8, 1.0, 1.3]
     expected = np.mean([compute_metrics(pred, truth * (level / own), brain)["psnr"] for level in levels])
     assert bench.level_redrawn_psnr(pred, truth, brain, levels) == pytest.approx(expected, abs=1e-9)
     assert bench.level_redrawn_psnr(pred, truth, brain, [own]) == pytest.approx(
         compute_metrics(pred, truth, brain)["psnr"], abs=1e-9)
+    for bad in ([], [1.0, 0.0]):
+        with pytest.raises(ValueError, match="levels must be positive"):
+            bench.level_redrawn_psnr(pred, truth, brain, bad)
 
 
 def test_seed_rows_compare_medflow_with_the_unet_per_seed_and_over_seeds():
