@@ -47,6 +47,9 @@ from medflow.calibration import (
 from medflow.measure import MIB, Case, usable_cores, volume_text
 
 QUALITY_STEPS = 300  # medflow training steps in the quality section
+QUALITY_TRAIN_SUBJECTS = 24  # demo subjects medflow and the U-Net train on (validation included)
+QUALITY_TEST_SUBJECTS = 56  # held-out demo subjects they are scored on: raw PSNR's medflow - U-Net difference
+                            # has an SD of about 1 dB over subjects (their own levels; EXPERIMENTS.md), SE 0.13 dB
 UNET_WARMUP_STEPS = 10  # U-Net steps before the timed ones (their times include one-off costs)
 UNET_TIMED_STEPS = 40  # U-Net steps timed to turn medflow's training time into U-Net steps
 GPU_VOLUME = (96, 112, 96)
@@ -429,7 +432,7 @@ def quality_run(data_csv: Path, work: Path, steps: int, seed: int, device: torch
     return result
 
 
-def run_quality(steps: int, device: torch.device, seeds: int = 1, subjects: int = 32, heldout: int = 8) -> list[dict]:
+def run_quality(steps: int, device: torch.device, seeds: int, subjects: int, heldout: int) -> list[dict]:
     """Demo data (``subjects``, the last ``heldout`` for testing) -> ``quality_run`` for seeds
     0 .. ``seeds`` - 1, each on the same data and number of medflow steps."""
     from medflow.demo_data import make_demo_dataset
@@ -828,12 +831,13 @@ def quality_markdown(result: dict) -> str:
     from medflow.demo_data import RECIPE_VERSION
 
     samples, cal = result["samples"], result["calibration"]
+    n_subjects = result["n_train"] + result["n_val"] + result["n_test"]
     coverage_rows = [[truth, f"{t:g}", f"mean ± {z:.3f} std", f"{100 * ideal_coverage(z, samples):.1f}",
                       mean_sd([100 * c for c in values], 1)]
                      for (truth, t, z), values in result["coverage"].items()]
     return f"""## 3. Synthesis quality on the demo data
 
-Demo data from `medflow.demo_data.make_demo_dataset` (recipe version {RECIPE_VERSION}, 32 subjects at 2 mm, 8 held out):
+Demo data from `medflow.demo_data.make_demo_dataset` (recipe version {RECIPE_VERSION}, {n_subjects} subjects at 2 mm, {result['n_test']} held out):
 {result['n_train']} training, {result['n_val']} validation and {result['n_test']} test subjects, on {result['device']}. medflow
 `small` (`medflow.train.Trainer`: {result['spacing'][0]:g} mm spacing of the preset, model grid
 {volume_text(result['grid'])}, batch {result['batch_size']}) and a MONAI `BasicUNet` (features 16, 16, 32,
@@ -928,6 +932,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--quality-steps", type=int, default=QUALITY_STEPS,
                         help="medflow training steps in the quality section; the U-Net trains for the "
                              f"seconds they took and for as many steps (default {QUALITY_STEPS}; BENCHMARKS.md gives the time)")
+    parser.add_argument("--quality-test-subjects", type=int, default=QUALITY_TEST_SUBJECTS,
+                        help=f"held-out demo subjects the quality section scores, beside its {QUALITY_TRAIN_SUBJECTS} "
+                             f"training ones (default {QUALITY_TEST_SUBJECTS}; fewer run faster, and raw PSNR, which "
+                             "follows each subject's own level, then decides less)")
     parser.add_argument("--quality-seeds", type=int, default=1,
                         help="repeat the quality section with seeds 0 .. N-1 and add tables over seeds "
                              "(BENCHMARKS.md gives the time such a run took)")
@@ -946,6 +954,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error("--quality-seeds must be at least 1")
     if args.quality_steps < 1:
         parser.error("--quality-steps must be at least 1")
+    if args.quality_test_subjects < 1:
+        parser.error("--quality-test-subjects must be at least 1")
     if args.quick and "quality" in args.sections:
         args.sections.remove("quality")
     if args.quality_seeds > 1 and "quality" not in args.sections:
@@ -995,9 +1005,9 @@ def batch_section(quick: bool, device: str, timeout_s: float) -> str:
     return batch_markdown(results, device, load)
 
 
-def quality_section(steps: int, device: str, seeds: int) -> str:
+def quality_section(steps: int, device: str, seeds: int, test_subjects: int) -> str:
     """Train, synthesize and score on the demo data; returns the markdown section."""
-    results = run_quality(steps, torch.device(device), seeds)
+    results = run_quality(steps, torch.device(device), seeds, QUALITY_TRAIN_SUBJECTS + test_subjects, test_subjects)
     show("quality", QUALITY_HEADERS, quality_rows(results[0]))
     if len(results) == 1:
         return quality_markdown(results[0])
@@ -1022,7 +1032,8 @@ def main(argv: list[str] | None = None) -> None:
                 "synthesis": lambda: synthesis_section(args.quick, device, timeout),
                 "tuning": lambda: tuning_section(args.quick, device, timeout),
                 "batch": lambda: batch_section(args.quick, device, timeout),
-                "quality": lambda: quality_section(args.quality_steps, device, args.quality_seeds)}
+                "quality": lambda: quality_section(args.quality_steps, device, args.quality_seeds,
+                                                   args.quality_test_subjects)}
     for name in args.sections:
         parts.append(sections[name]())
         write_report(args.out, part, "\n".join(parts))

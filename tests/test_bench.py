@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from medflow import bench, measure
+from medflow.demo_data import RECIPE_VERSION
 from medflow.model import DualGlow
 from medflow.peer_flow import PeerDualGlow, Squeeze3d, peer_level
 
@@ -182,6 +183,7 @@ def test_quality_run_end_to_end_on_a_tiny_cohort():
     assert [r["seed"] for r in results] == [0, 1]
     assert "| all |" in bench.seeds_markdown(results)
     result = results[0]
+    assert f"(recipe version {RECIPE_VERSION}, 7 subjects at 2 mm, 1 held out)" in bench.quality_markdown(result)
     assert result["flow_steps"] == 3 and result["n_test"] == 1
     assert result["unet_steps"] >= bench.UNET_WARMUP_STEPS + bench.UNET_TIMED_STEPS
     assert result["n_val"] == 1 and 0.05 <= result["calibration"]["temperature"] <= 4.0
@@ -209,7 +211,10 @@ def test_arguments_and_budget():
         bench.parse_args(["--sections", "speed,nonsense"])
     assert bench.parse_args([]).quality_steps == bench.QUALITY_STEPS
     assert bench.parse_args(["--quality-seeds", "3", "--quality-steps", "420"]).quality_seeds == 3
-    for wrong in (["--quality-steps", "0"], ["--quality-seeds", "0"], ["--quality-seeds", "3", "--sections", "speed"]):
+    assert bench.parse_args([]).quality_test_subjects == bench.QUALITY_TEST_SUBJECTS
+    assert bench.parse_args(["--quality-test-subjects", "8"]).quality_test_subjects == 8
+    for wrong in (["--quality-steps", "0"], ["--quality-seeds", "0"], ["--quality-seeds", "3", "--sections", "speed"],
+                  ["--quality-test-subjects", "0"]):
         with pytest.raises(SystemExit):
             bench.parse_args(wrong)
 
@@ -310,10 +315,11 @@ def test_a_run_over_seeds_writes_its_own_part(tmp_path, monkeypatch):
     """``--quality-seeds`` above 1 lands in the cpu_seeds part and leaves the standard run's cpu part."""
     report = tmp_path / "BENCHMARKS.md"
     bench.write_report(report, "cpu", "# medflow benchmarks on CPU\nstandard run\n")
-    monkeypatch.setattr(bench, "quality_section", lambda steps, device, seeds: f"quality x{seeds}\n")
+    monkeypatch.setattr(bench, "quality_section",
+                        lambda steps, device, seeds, test_subjects: f"quality x{seeds} on {test_subjects}\n")
     bench.main(["--device", "cpu", "--sections", "quality", "--quality-seeds", "2", "--quality-steps", "1",
-                "--out", str(report)])
+                "--quality-test-subjects", "5", "--out", str(report)])
     text = report.read_text()
-    assert "standard run" in text and "quality x2" in text
+    assert "standard run" in text and "quality x2 on 5" in text
     assert "<!-- medflow bench: cpu_seeds -->\n# medflow benchmarks on CPU: quality over 2 seeds" in text
     assert "re-run that command to refresh" in text
