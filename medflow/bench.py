@@ -933,9 +933,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="medflow training steps in the quality section; the U-Net trains for the "
                              f"seconds they took and for as many steps (default {QUALITY_STEPS}; BENCHMARKS.md gives the time)")
     parser.add_argument("--quality-test-subjects", type=int, default=QUALITY_TEST_SUBJECTS,
-                        help=f"held-out demo subjects the quality section scores, beside its {QUALITY_TRAIN_SUBJECTS} "
-                             f"training ones (default {QUALITY_TEST_SUBJECTS}; fewer run faster, and raw PSNR, which "
-                             "follows each subject's own level, then decides less)")
+                        help=f"held-out demo subjects the quality section scores, beside its "
+                             f"{QUALITY_TRAIN_SUBJECTS} training and validation ones (default "
+                             f"{QUALITY_TEST_SUBJECTS}; fewer run faster, and raw PSNR, which follows each "
+                             "subject's own level, then decides less)")
     parser.add_argument("--quality-seeds", type=int, default=1,
                         help="repeat the quality section with seeds 0 .. N-1 and add tables over seeds "
                              "(BENCHMARKS.md gives the time such a run took)")

@@ -200,6 +200,23 @@ def test_quality_run_end_to_end_on_a_tiny_cohort():
     assert all(0 <= c <= 1 for values in result["coverage"].values() for c in values)
 
 
+def test_quality_section_trains_on_the_same_subjects_and_tests_on_the_rest(monkeypatch):
+    """``quality_section`` asks for QUALITY_TRAIN_SUBJECTS + N demo subjects with the last N held out."""
+    calls = []
+
+    def record(*args):
+        calls.append(args)
+        raise RuntimeError("recorded")
+
+    monkeypatch.setattr(bench, "run_quality", record)
+    for test_subjects in (bench.QUALITY_TEST_SUBJECTS, 5):
+        with pytest.raises(RuntimeError, match="recorded"):
+            bench.quality_section(7, "cpu", 2, test_subjects)
+    assert [call[2:] for call in calls] == [(2, bench.QUALITY_TRAIN_SUBJECTS + bench.QUALITY_TEST_SUBJECTS,
+                                             bench.QUALITY_TEST_SUBJECTS), (2, bench.QUALITY_TRAIN_SUBJECTS + 5, 5)]
+    assert bench.QUALITY_TRAIN_SUBJECTS == 24
+
+
 def test_arguments_and_budget():
     args = bench.parse_args(["--quick"])
     assert args.sections == ["speed", "synthesis"]
