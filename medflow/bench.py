@@ -716,9 +716,10 @@ section started: {load}.
 """
 
 
-def mean_sd(values: list[float], digits: int) -> str:
+def mean_sd(values: list[float], digits: int, sign: str = "") -> str:
+    """``mean ± SD`` at ``digits`` decimals; ``sign="+"`` prints a positive mean with its sign."""
     sd = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.mean(values):.{digits}f} ± {sd:.{digits}f}"
+    return f"{statistics.mean(values):{sign}.{digits}f} ± {sd:.{digits}f}"
 
 
 QUALITY_HEADERS = ["method", "PSNR (dB)", "SSIM", "NMSE", "MAE (PET units)"]
@@ -767,7 +768,7 @@ def seed_rows(results: list[dict], unet_name: str = UNET) -> list[list[str]]:
         rows.append(cells)
     last = ["all", "", ""]
     for (_, _, _, digits), diff in zip(SEED_COLUMNS, diffs):
-        last += ["", "", mean_sd(diff, digits)]
+        last += ["", "", mean_sd(diff, digits, sign="+")]
     rows.append(last)
     return rows
 

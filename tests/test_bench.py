@@ -163,7 +163,7 @@ def test_seed_rows_compare_medflow_with_the_unet_per_seed_and_over_seeds():
     assert rows[0] == ["0", "10 / 8", "1.20", "20.00", "20.50", "+0.50", "0.800", "0.900", "+0.100",
                        "21.00", "22.50", "+1.50", "19.00", "18.50", "-0.50"]
     assert rows[1][3:6] == ["21.00", "20.50", "-0.50"]
-    assert rows[2][5] == "0.00 ± 0.71" and rows[2][8] == "0.100 ± 0.000" and rows[2][11] == "1.00 ± 0.71"
+    assert rows[2][5] == "+0.00 ± 0.71" and rows[2][8] == "+0.100 ± 0.000" and rows[2][11] == "+1.00 ± 0.71"
     assert rows[2][14] == "-1.00 ± 0.71"
     assert len(rows[2]) == len(bench.SEED_HEADERS)
     same_steps = bench.seed_rows([result(0, 20.0, 20.5), result(1, 21.0, 20.5)], bench.UNET_SAME_STEPS)
