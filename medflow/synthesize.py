@@ -6,7 +6,6 @@ orientation) in the training PET's units, written atomically.
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +20,7 @@ from medflow.calibration import with_level_spread
 from medflow.device import check_fits
 from medflow.errors import InputError, OutputError, QCError, ResourceError
 from medflow.imageio import atomic_paths, check_nifti_name, check_output_paths, nifti_image, read_volume
+from medflow.model import bits_per_voxel
 from medflow.preprocess import check_foreground, pet_to_units, plain_tensor, stage1, stage2, volume_to_metatensor
 from medflow.trained import TrainedModel
 
@@ -112,7 +112,7 @@ def synthesize_file(tm: TrainedModel, mri_paths: list[Path], out: Path, opts: Sy
     except torch.OutOfMemoryError:
         raise ResourceError(f"{mri_paths[0]}: model grid {tuple(tm.prep.grid)} does not fit in {device} memory; "
                             "use --device cpu or fewer --samples") from None
-    bpv = float((-lp_mri[0] / mri[0].numel() + math.log(tm.model.config.n_bins)) / math.log(2.0))
+    bpv = bits_per_voxel(lp_mri, mri, tm.model.config.n_bins).item()
     z = qc_score(bpv, tm.qc)
     qc_ok = z is None or z <= QC_Z_LIMIT
     if not qc_ok:

@@ -28,7 +28,7 @@ from medflow.device import Distributed, check_fits, init_distributed, place_mode
 from medflow.errors import InputError, ModelError, OutputError, TrainingError
 from medflow.manifest import Subject, read_manifest
 from medflow.metrics import compute_metrics
-from medflow.model import DualGlow, DualGlowConfig
+from medflow.model import DualGlow, DualGlowConfig, bits_per_voxel
 from medflow.preprocess import (
     PET_NORMALIZATIONS,
     Preprocessing,
@@ -545,28 +545,29 @@ class Trainer:
 
     @torch.no_grad()
     def _finish(self) -> None:
-        """Write final weights and the MRI-likelihood statistics used for quality control."""
+        """Write final weights; then, for the weights synthesis loads (best.pt, else final.pt), the
+        MRI-likelihood statistics of quality control and the calibrated sampling temperature."""
         model = self.ema.module if self.ema else self.model
         save_state(self.run_dir / "final.pt", {"format": 1, "step": self.step, "model": model.state_dict()})
-        model.eval()
-        bpv = []
+        served = copy.deepcopy(model)
+        served.load_state_dict(weights_file(self.run_dir)[1]["model"])
+        served.eval()
+        self._write_run_config(self._qc_statistics(served), self._calibrate(served))
+
+    def _qc_statistics(self, model: DualGlow) -> dict:
+        """Mean, SD and maximum of the training MRIs' bits per voxel under ``model``'s MRI flow."""
+        bits = []
         for item in self.train_cache:
             mri, _, _ = self.eval_item(item)
-            bpv.append(model.encode_mri(mri)[0].item())
-        voxels = mri[0].numel()
-        bits = [(-lp / voxels + math.log(model.config.n_bins)) / math.log(2.0) for lp in bpv]
-        self._write_run_config({"mri_bpv_mean": float(np.mean(bits)), "mri_bpv_std": float(np.std(bits)),
-                                "mri_bpv_max": float(np.max(bits)), "n": len(bits)}, self._calibrate())
-        self.model.train()
+            bits.append(bits_per_voxel(model.encode_mri(mri)[0], mri, model.config.n_bins).item())
+        return {"mri_bpv_mean": float(np.mean(bits)), "mri_bpv_std": float(np.std(bits)),
+                "mri_bpv_max": float(np.max(bits)), "n": len(bits)}
 
-    def _calibrate(self) -> dict | None:
-        """Calibrate the sampling temperature of the weights synthesis loads (best.pt, else
-        final.pt) on up to CALIBRATION_SUBJECTS validation subjects; None without validation data."""
+    def _calibrate(self, model: DualGlow) -> dict | None:
+        """Calibrate ``model``'s sampling temperature on up to CALIBRATION_SUBJECTS validation
+        subjects; None without validation data."""
         if not self.val_cache:
             return None
-        model = copy.deepcopy(self.ema.module if self.ema else self.model)
-        model.load_state_dict(weights_file(self.run_dir)[1]["model"])
-        model.eval()
         items = [self.eval_item(self.val_cache[i]) for i in range(min(len(self.val_cache), CALIBRATION_SUBJECTS))]
         calibration = calibrate_temperature(model, items)
         self.report(f"sampling temperature calibrated on {calibration.subjects} validation subject(s): "

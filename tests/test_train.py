@@ -19,7 +19,7 @@ from rich.progress import Progress
 import medflow.train
 from medflow.checkpoint import load_state, read_config, save_state, step_checkpoints, write_config
 from medflow.errors import ModelError, TrainingError
-from medflow.model import DualGlow, DualGlowConfig
+from medflow.model import DualGlow, DualGlowConfig, bits_per_voxel
 from medflow.presets import preset_path
 from medflow.train import Trainer, TrainOptions, lr_factor
 from medflow.trained import load_trained
@@ -179,6 +179,36 @@ def test_repeated_nonfinite_losses_stop_with_checkpoint_intact(pairs, tmp_path, 
         trainer.run(Progress(disable=True))
     assert step_checkpoints(run)[0].name == "step-0000004.pt"
     load_state(step_checkpoints(run)[0])
+
+
+def test_quality_control_statistics_score_the_weights_synthesis_loads(pairs, tmp_path, monkeypatch):
+    """Synthesis loads best.pt, here from the validation at step 4 of 8, so the training MRIs'
+    bits per voxel stored for quality control must come from those weights, not the final ones."""
+    run = tmp_path / "run"
+    opts = TrainOptions(data=pairs, out=run, preset="tiny", steps=8, checkpoint_every=4, val_every=4, seed=3,
+                        device="cpu", spacing=6.0)
+    trainer = Trainer(opts, reporter=lambda m: None)
+    validate = Trainer.validate
+
+    def earliest_is_best(self):
+        return {**validate(self), "val_pet_bpv": float(self.step)}
+
+    monkeypatch.setattr(Trainer, "validate", earliest_is_best)
+    trainer.run(Progress(disable=True))
+    assert load_state(run / "best.pt")["step"] == 4
+    served = load_trained(run, torch.device("cpu"))
+    final = DualGlow(served.model.config)
+    final.load_state_dict(weights(run))
+    final.eval()
+
+    def mean_bits(model):
+        with torch.no_grad():
+            return np.mean([bits_per_voxel(model.encode_mri(mri)[0], mri, model.config.n_bins).item()
+                            for mri, _, _ in map(trainer.eval_item, trainer.train_cache)])
+
+    assert served.qc["n"] == len(trainer.train_cache)
+    assert served.qc["mri_bpv_mean"] == pytest.approx(mean_bits(served.model), rel=1e-6)
+    assert abs(mean_bits(final) - served.qc["mri_bpv_mean"]) > 1e-4
 
 
 def test_ddp_two_processes_on_cpu(pairs, tmp_path):
