@@ -17,7 +17,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from medflow import __version__
-from medflow.errors import InputError, MedflowError, OutputError
+from medflow.errors import InputError, MedflowError, ModelError, OutputError
 
 if TYPE_CHECKING:
     from medflow.side import SideSpec
@@ -184,7 +184,9 @@ def train(
             summary = trainer.run(progress)
         console.print(f"run folder: {out}  (step {summary['step']}, {summary['stopped_by']})", highlight=False)
         if summary["stopped_by"] == "signal":
-            console.print("stopped by signal after saving a checkpoint; continue with --resume")
+            console.print(f"stopped by signal after saving a checkpoint; continue with --resume, or finish the run "
+                          f"now (final weights, quality-control statistics, calibrated temperature) with --resume "
+                          f"--steps {summary['step']}", highlight=False)
             raise typer.Exit(130)
 
     guarded(body)
@@ -271,6 +273,13 @@ def synthesize(
             raise InputError(f"--temperature must be a number >= 0, got {temperature:g}")
         dev = resolve_device(device)
         tm = load_trained(model, dev)
+        if tm.qc is None:
+            unfinished = (f"{model}: no statistics of the training MRIs' likelihood (its training was stopped "
+                          "before its end; `medflow train DATA --out RUN --resume --steps N`, N its last step, "
+                          "finishes it)")
+            if strict_qc:
+                raise ModelError(f"{unfinished}, so --strict-qc cannot check the inputs")
+            _warn(f"{unfinished}; the inputs are not checked")
         side_values = parse_side(side)
         if side_values and tm.side is None:
             raise InputError(f"{model}: this model was trained without side information; drop --side")

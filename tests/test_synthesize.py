@@ -263,3 +263,45 @@ def test_mri_without_foreground_is_an_input_error(trained, tmp_path):
     out = tmp_path / "o.nii.gz"
     result = cli("synthesize", path, out, "--model", run)
     assert result.exit_code == 3 and f"{path}: no foreground" in result.stderr.replace("\n", "") and not out.exists()
+
+
+def test_quality_control_warns_about_or_refuses_an_mri_unlike_the_training_ones(trained, tmp_path):
+    """A checkerboard inside a training MRI's head lies far above the training MRIs' bits per
+    voxel: a warning, or with --strict-qc a one-line error (exit 7) and no output."""
+    run, data = trained
+    familiar = data / "sub-01_t1.nii.gz"
+    image = nib.load(familiar)
+    mri = image.get_fdata().astype(np.float32)
+    checkerboard = (np.indices(mri.shape).sum(0) % 2) * mri.max() * (mri > 0)
+    unlike = tmp_path / "unlike.nii.gz"
+    nib.save(nib.Nifti1Image(checkerboard.astype(np.float32), image.affine), unlike)
+    accepted = cli("synthesize", familiar, tmp_path / "familiar.nii.gz", "--model", run, "--strict-qc")
+    assert accepted.exit_code == 0 and "warning" not in accepted.stderr, accepted.stderr
+    warned = cli("synthesize", unlike, tmp_path / "warned.nii.gz", "--model", run)
+    assert warned.exit_code == 0 and (tmp_path / "warned.nii.gz").exists()
+    assert f"{unlike}: unlike the training MRIs" in warned.stderr.replace("\n", "")
+    refused = cli("synthesize", unlike, tmp_path / "refused.nii.gz", "--model", run, "--strict-qc")
+    assert refused.exit_code == 7 and len(refused.stderr.strip().splitlines()) == 1, refused.stderr
+    assert f"{unlike}: unlike the training MRIs" in refused.stderr.replace("\n", "")
+    assert not (tmp_path / "refused.nii.gz").exists()
+
+
+def test_a_run_stopped_before_its_end_cannot_check_its_inputs(trained, tmp_path):
+    """Without the training MRIs' statistics (config.json has no "qc"), synthesis says that the
+    inputs go unchecked, and --strict-qc refuses the model (exit 5) before writing anything."""
+    from medflow.checkpoint import read_config, write_config
+
+    run, data = trained
+    stopped = tmp_path / "stopped"
+    shutil.copytree(run, stopped)
+    config = read_config(stopped)
+    del config["qc"]
+    write_config(stopped, config)
+    mri = data / "sub-01_t1.nii.gz"
+    warned = cli("synthesize", mri, tmp_path / "warned.nii.gz", "--model", stopped)
+    assert warned.exit_code == 0 and "the inputs are not checked" in warned.stderr.replace("\n", "")
+    assert "--resume --steps N" in warned.stderr.replace("\n", "")
+    refused = cli("synthesize", mri, tmp_path / "refused.nii.gz", "--model", stopped, "--strict-qc")
+    assert refused.exit_code == 5 and len(refused.stderr.strip().splitlines()) == 1, refused.stderr
+    assert "--strict-qc cannot check the inputs" in refused.stderr.replace("\n", "")
+    assert not (tmp_path / "refused.nii.gz").exists()

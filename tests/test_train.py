@@ -138,6 +138,13 @@ def test_sigterm_saves_a_checkpoint_and_exits_130(pairs, tmp_path):
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err
     assert len(step_checkpoints(run)) == 1
+    assert "qc" not in read_config(run) and not (run / "final.pt").exists()
+    step = load_state(step_checkpoints(run)[0])["step"]
+    assert f"--resume --steps {step}" in " ".join(err.split())
+    finished = run_cli("train", pairs, "--out", run, "--resume", "--steps", step, "--device", "cpu")
+    assert finished.returncode == 0, finished.stderr
+    assert load_state(run / "final.pt")["step"] == step
+    assert read_config(run)["qc"]["n"] == 5 and read_config(run)["calibration"]["subjects"] == 1
 
 
 class Boom:
