@@ -329,7 +329,7 @@ def _run_batch(tm, jobs, output, opts, dev, std_dir, qc_dir, skip_existing):
                 progress.advance(task)
                 continue
             std_path = std_dir / out_path.name if std_dir else None
-            qc_path = qc_dir / (out_path.name.split(".")[0] + ".png") if qc_dir else None
+            qc_path = qc_dir / (out_path.name.removesuffix(".nii.gz") + ".png") if qc_dir else None
             try:
                 result = synthesize_file(tm, mri_paths, out_path, opts, dev, std_path, qc_path,
                                          warn=lambda m: progress.console.print(f"[yellow]warning:[/] {m}"),

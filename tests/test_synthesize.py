@@ -142,6 +142,21 @@ def test_batch_carries_on_past_a_broken_file(trained, tmp_path):
     assert rerun.exit_code == 1 and rerun.stdout.count("skipped") == 2
 
 
+def test_batch_names_each_qc_picture_after_its_whole_output_name(trained, tmp_path):
+    """Inputs whose names differ only after a dot (series numbers, DICOM UIDs) get pictures of
+    their own: pat.001.png and pat.002.png, not one pat.png."""
+    run, pairs = trained
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    for name, source in (("pat.001.nii.gz", "sub-00_t1.nii.gz"), ("pat.002.nii.gz", "sub-02_t1.nii.gz")):
+        shutil.copy(pairs / source, inputs / name)
+    result = cli("synthesize", inputs, tmp_path / "out", "--model", run, "--qc", tmp_path / "qc")
+    assert result.exit_code == 0, result.stderr
+    assert sorted(p.name for p in (tmp_path / "qc").iterdir()) == ["pat.001.png", "pat.002.png"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir() if p.suffix == ".gz") == ["pat.001.nii.gz",
+                                                                                       "pat.002.nii.gz"]
+
+
 BAD_CLASSES = ["missing", "truncated_gz", "garbage_gz", "header_only", "nan", "inf", "all_zero", "two_d",
                "four_d", "tiny_3x3x3", "singular_affine", "sheared_affine", "huge_declared", "complex_dtype",
                "directory", "text_file"]
