@@ -17,7 +17,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from medflow import __version__
-from medflow.errors import InputError, MedflowError, ModelError, OutputError
+from medflow.errors import InputError, MedflowError, ModelError
 
 if TYPE_CHECKING:
     from medflow.side import SideSpec
@@ -303,14 +303,8 @@ def _warn(message: str) -> None:
     console.print(f"[yellow]warning:[/] {message}", highlight=False, soft_wrap=True)
 
 
-def _prepare_folder(folder: Path) -> None:
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise OutputError(f"{folder}: cannot create output folder ({exc.strerror})") from None
-
-
 def _run_batch(tm, jobs, output, opts, dev, std_dir, qc_dir, skip_existing):
+    from medflow.imageio import make_folder
     from medflow.synthesize import synthesize_file
 
     if std_dir is not None and os.path.realpath(std_dir) == os.path.realpath(output):
@@ -318,7 +312,7 @@ def _run_batch(tm, jobs, output, opts, dev, std_dir, qc_dir, skip_existing):
                          "synthetic PETs' names; give another folder")
     for folder in (output, std_dir, qc_dir):
         if folder is not None:
-            _prepare_folder(folder)
+            make_folder(folder)
     rows, failures = [], 0
     with progress_bar() as progress:
         task = progress.add_task("synthesizing", total=len(jobs), info="")

@@ -15,7 +15,7 @@ import numpy as np
 from medflow.baseline import IntensityMapping
 from medflow.device import resolve_device
 from medflow.errors import OutputError
-from medflow.imageio import read_mask, read_volume, write_volume
+from medflow.imageio import make_folder, read_mask, read_volume, write_volume
 from medflow.manifest import read_csv_manifest
 from medflow.metrics import compute_metrics
 
@@ -97,7 +97,7 @@ def run_demo(opts: DemoOptions, console, progress_factory) -> dict:
     synth_opts = SynthesisOptions(opts.temperature, opts.samples, opts.seed, overwrite=True)
     folders = {name: out / name for name in OUTPUT_FOLDERS}
     for folder in folders.values():
-        folder.mkdir(parents=True, exist_ok=True)
+        make_folder(folder)
     scores: dict[str, list[dict]] = {"medflow": [], "intensity mapping": []}
     for s in test_rows:
         target = folders["synth"] / f"{s.subject}.nii.gz"

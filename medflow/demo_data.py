@@ -25,7 +25,7 @@ import numpy as np
 from scipy import ndimage
 
 from medflow.errors import OutputError
-from medflow.imageio import write_bytes_atomic
+from medflow.imageio import make_folder, write_bytes_atomic
 
 RECIPE_VERSION = 3
 PARAMS_FILE = "demo.json"
@@ -519,10 +519,7 @@ def make_demo_dataset(out_dir: Path, subjects: int, *, seed: int = 0, spacing: f
             what = "a demo dataset made with other parameters" if existing else f"other files ({old[0].name}, ...)"
             raise OutputError(f"{out}: holds {what}; pass --overwrite to replace it")
         _remove_previous(out, old if existing is not None else [])
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise OutputError(f"{out}: cannot create folder ({exc.strerror or exc})") from None
+    make_folder(out)
 
     write_params(out, params, complete=False)
     rows = []

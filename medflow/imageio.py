@@ -109,6 +109,16 @@ def write_bytes_atomic(path: str | Path, payload: bytes, *, overwrite: bool = Fa
     return Path(path)
 
 
+def make_folder(folder: str | Path) -> Path:
+    """Create ``folder`` and its parents where missing; OutputError naming it when that fails."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"{folder}: cannot create the folder ({(exc.strerror or str(exc)).lower()})") from None
+    return folder
+
+
 def check_nifti_name(path: Path) -> None:
     """OutputError unless ``path`` names a NIfTI file (.nii or .nii.gz)."""
     if not Path(path).name.lower().endswith((".nii", ".nii.gz")):

@@ -26,6 +26,7 @@ from medflow.calibration import calibrate_temperature
 from medflow.checkpoint import latest_valid_step, read_config, save_state, save_step, write_config
 from medflow.device import Distributed, check_fits, init_distributed, place_model, resolve_device
 from medflow.errors import InputError, ModelError, OutputError, TrainingError
+from medflow.imageio import make_folder
 from medflow.manifest import Subject, read_manifest
 from medflow.metrics import compute_metrics
 from medflow.model import DualGlow, DualGlowConfig, bits_per_voxel
@@ -247,6 +248,7 @@ class Trainer:
             "val": str(opts.val) if opts.val else None,
             "val_fraction": opts.val_fraction,
         }
+        make_folder(self.run_dir)
 
     def load_cache(self, subjects: list[Subject], source: str) -> CacheDataset:
         """``subjects`` read, resampled and normalised (stage 1) as for training; ``eval_item`` takes its items."""
@@ -457,7 +459,6 @@ class Trainer:
         if opts.resume:
             self.resume()
         elif self.dist.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
             self._write_run_config()
         if self.step == 0:
             self.model.train()

@@ -387,6 +387,9 @@ def test_out_that_is_a_file_is_an_output_error(pairs, tmp_path):
     out.write_text("precious")
     result = run_cli("train", pairs, "--out", out, "--preset", "tiny", "--steps", "2", "--device", "cpu")
     assert result.returncode == 4 and "is a file" in result.stderr and out.read_text() == "precious"
+    below = run_cli("train", pairs, "--out", out / "run", "--preset", "tiny", "--steps", "2", "--device", "cpu")
+    assert below.returncode == 4 and f"{out / 'run'}: cannot create the folder" in " ".join(below.stderr.split())
+    assert "loading" not in below.stderr and "Traceback" not in below.stderr and out.read_text() == "precious"
 
 
 @pytest.mark.parametrize("damage", ["missing", "nan"])
