@@ -23,6 +23,7 @@ from rich.text import Text
 
 from medflow.errors import InputError, MedflowError
 from medflow.imageio import atomic_paths, image_stem, is_image_path, read_mask, read_volume
+from medflow.manifest import read_csv_rows
 from medflow.metrics import CONVENTIONS, METRIC_NAMES, compute_metrics, data_range_of, reference_mask
 
 AFFINE_TOLERANCE = 1e-4
@@ -64,14 +65,7 @@ def _mask_for(mask: Path | None, ref: Path, mask_images: dict[str, Path] | None)
 
 
 def _cases_from_csv(csv_path: Path, mask: Path | None, mask_images: dict[str, Path] | None) -> list[EvalCase]:
-    try:
-        with open(csv_path, newline="", encoding="utf-8-sig") as handle:
-            reader = csv.DictReader(handle)
-            columns = [c.strip() for c in reader.fieldnames or []]
-            rows = [{(k or "").strip(): (v or "").strip() for k, v in row.items() if isinstance(v, str)}
-                    for row in reader]
-    except (OSError, UnicodeDecodeError, csv.Error) as exc:
-        raise InputError(f"{csv_path}: cannot read CSV ({exc})") from None
+    columns, rows = read_csv_rows(csv_path)
     missing = [c for c in ("pred", "ref") if c not in columns]
     if missing:
         raise InputError(f"{csv_path}: missing column(s) {', '.join(missing)} (columns: pred, ref[, mask, subject])")

@@ -12,6 +12,7 @@ Two forms (see README, "Data format"):
 from __future__ import annotations
 
 import csv
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,22 +39,30 @@ def resolve_listed_path(value: str, base: Path, source: Path, allow_outside: boo
     if not allow_outside:
         if raw.is_absolute():
             raise InputError(f"{source}: absolute path {value!r} not allowed (pass --allow-outside-paths)")
-        if not path.resolve().is_relative_to(base.resolve()):
+        if Path(os.path.normpath(raw)).parts[:1] == ("..",):
             raise InputError(f"{source}: path {value!r} leaves the list's folder (pass --allow-outside-paths)")
     return path
+
+
+def read_csv_rows(csv_path: Path) -> tuple[list[str], list[dict[str, str]]]:
+    """The header's column names and the rows of a CSV file, names and values stripped of
+    surrounding spaces; a UTF-8 byte-order mark (Excel's "CSV UTF-8") is ignored."""
+    try:
+        with open(csv_path, newline="", encoding="utf-8-sig") as handle:
+            reader = csv.DictReader(handle)
+            columns = [c.strip() for c in reader.fieldnames or []]
+            rows = [{(k or "").strip(): (v or "").strip() for k, v in row.items() if isinstance(v, str) or v is None}
+                    for row in reader]
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise InputError(f"{csv_path}: cannot read CSV ({exc})") from None
+    return columns, rows
 
 
 def read_csv_manifest(csv_path: Path, mri_columns: list[str], *, need_pet: bool = True,
                       allow_outside: bool = False) -> list[Subject]:
     """Subjects listed in a CSV file."""
     csv_path = Path(csv_path)
-    try:
-        with open(csv_path, newline="") as handle:
-            reader = csv.DictReader(handle)
-            rows = list(reader)
-            columns = set(reader.fieldnames or ())
-    except (OSError, UnicodeDecodeError, csv.Error) as exc:
-        raise InputError(f"{csv_path}: cannot read CSV ({exc})") from None
+    columns, rows = read_csv_rows(csv_path)
     required = list(mri_columns) + (["pet"] if need_pet else [])
     missing = [c for c in required if c not in columns]
     if missing:
@@ -65,16 +74,16 @@ def read_csv_manifest(csv_path: Path, mri_columns: list[str], *, need_pet: bool 
     subjects = []
     for index, row in enumerate(rows):
         def path_of(column):
-            value = (row.get(column) or "").strip()
+            value = row.get(column, "")
             return resolve_listed_path(value, base, csv_path, allow_outside) if value else None
 
         mri = [path_of(c) for c in mri_columns]
         if any(p is None for p in mri) or (need_pet and path_of("pet") is None):
             raise InputError(f"{csv_path}: row {index + 2} has an empty path")
-        name = (row.get("subject") or "").strip() or image_stem(mri[0])
-        side = {k: v for k, v in row.items() if k not in reserved and k is not None and v not in (None, "")}
+        name = row.get("subject") or image_stem(mri[0])
+        side = {k: v for k, v in row.items() if k and k not in reserved and v}
         subjects.append(Subject(name, mri, path_of("pet") if "pet" in columns else None, path_of("mask"), side,
-                                (row.get("split") or "").strip().lower()))
+                                row.get("split", "").lower()))
     if not subjects:
         raise InputError(f"{csv_path}: no rows")
     return subjects

@@ -25,6 +25,26 @@ def test_paths_may_not_leave_the_csv_folder_without_the_flag(tmp_path, value):
     assert subject.mri[0].name in ("secret.nii.gz", "passwd")
 
 
+def test_a_symlinked_data_folder_inside_the_csv_folder_is_not_leaving_it(tmp_path):
+    """The rule is about the paths as written (absolute, or ``..`` after normalisation), so a
+    data folder that is a symbolic link to another disk is accepted."""
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "lists").mkdir()
+    (tmp_path / "lists" / "data").symlink_to(tmp_path / "elsewhere")
+    (tmp_path / "lists" / "list.csv").write_text("mri,pet\ndata/a.nii.gz,data/./b.nii.gz\n")
+    (subject,) = read_manifest(tmp_path / "lists" / "list.csv")
+    assert subject.mri == [tmp_path / "lists" / "data" / "a.nii.gz"]
+
+
+def test_excel_csv_with_byte_order_mark_and_spaces_around_names(tmp_path):
+    """Excel's "CSV UTF-8" starts with a byte-order mark; header names and values may carry spaces."""
+    text = "subject , mri, t2 ,pet, age\n s1 ,a.nii.gz, b.nii.gz ,c.nii.gz, 70\n"
+    (tmp_path / "list.csv").write_bytes(b"\xef\xbb\xbf" + text.encode())
+    (subject,) = read_manifest(tmp_path / "list.csv", ["mri", "t2"])
+    assert subject.subject == "s1" and subject.side == {"age": "70"}
+    assert subject.mri == [tmp_path / "a.nii.gz", tmp_path / "b.nii.gz"] and subject.pet == tmp_path / "c.nii.gz"
+
+
 def test_folder_form_pairs_by_name(tmp_path):
     src = write_paired_csv(tmp_path / "src", n=2).parent
     for kind in ("mri", "pet"):
