@@ -110,8 +110,17 @@ def parse_overrides(items: list[str]) -> dict:
         if "=" not in item:
             raise InputError(f"--set {item!r}: use key=value, e.g. --set hidden=64")
         key, value = item.split("=", 1)
-        overrides[key.strip()] = yaml.safe_load(value)
+        try:
+            overrides[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError as exc:
+            raise InputError(f"--set {item!r}: {value!r} is not a YAML value ({exc.problem})") from None
     return overrides
+
+
+def check_seed(seed: int) -> None:
+    """InputError unless numpy and torch can both take ``seed``."""
+    if not 0 <= seed < 2**63:
+        raise InputError(f"--seed must be an integer from 0 to 2^63 - 1, got {seed}")
 
 
 def progress_bar() -> Progress:
@@ -168,6 +177,7 @@ def train(
     from medflow.train import Trainer, TrainOptions
 
     def body():
+        check_seed(seed)
         opts = TrainOptions(
             data=data, out=out, preset=preset, val=val, val_fraction=val_fraction,
             mri_columns=[c.strip() for c in mri_columns.split(",") if c.strip()],
@@ -271,6 +281,7 @@ def synthesize(
             raise InputError(f"--samples must be 1 or even (samples are drawn in antithetic pairs), got {samples}")
         if temperature is not None and not (math.isfinite(temperature) and temperature >= 0):
             raise InputError(f"--temperature must be a number >= 0, got {temperature:g}")
+        check_seed(seed)
         dev = resolve_device(device)
         tm = load_trained(model, dev)
         if tm.qc is None:
@@ -421,6 +432,7 @@ def demo_data(
     from medflow.demo_data import MAX_METABOLIC_VARIATION, make_demo_dataset
 
     def body():
+        check_seed(seed)
         if heldout >= subjects:
             raise InputError(f"--heldout {heldout} must be smaller than --subjects {subjects}")
         if metabolic_variation > MAX_METABOLIC_VARIATION:

@@ -109,6 +109,17 @@ def write_bytes_atomic(path: str | Path, payload: bytes, *, overwrite: bool = Fa
     return Path(path)
 
 
+def check_folder_creatable(folder: str | Path) -> None:
+    """OutputError naming ``folder`` when its nearest existing ancestor is a file or not
+    writable, so that a job can fail before its work rather than after it."""
+    folder = Path(folder).absolute()
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    if not existing.is_dir():
+        raise OutputError(f"{folder}: cannot create the folder ({existing} is a file)")
+    if existing != folder and not os.access(existing, os.W_OK | os.X_OK):
+        raise OutputError(f"{folder}: cannot create the folder ({existing} is not writable)")
+
+
 def make_folder(folder: str | Path) -> Path:
     """Create ``folder`` and its parents where missing; OutputError naming it when that fails."""
     folder = Path(folder)

@@ -26,7 +26,7 @@ from medflow.calibration import calibrate_temperature
 from medflow.checkpoint import latest_valid_step, read_config, save_state, save_step, write_config
 from medflow.device import Distributed, check_fits, init_distributed, place_model, resolve_device
 from medflow.errors import InputError, ModelError, OutputError, TrainingError
-from medflow.imageio import make_folder
+from medflow.imageio import check_folder_creatable, make_folder
 from medflow.manifest import Subject, read_manifest
 from medflow.metrics import compute_metrics
 from medflow.model import DualGlow, DualGlowConfig, bits_per_voxel
@@ -117,6 +117,8 @@ def split_subjects(subjects: list[Subject], val_fraction: float, seed: int):
         raise InputError("no training subjects (all rows have split=test)")
     order = np.random.default_rng(seed).permutation(len(pool))
     n_val = int(round(val_fraction * len(pool))) if len(pool) > 2 else 0
+    if n_val == len(pool):
+        raise InputError(f"--val-fraction {val_fraction:g} of {len(pool)} subjects leaves none for training")
     val = [pool[i] for i in sorted(order[:n_val])]
     train = [pool[i] for i in sorted(order[n_val:])]
     return train, val
@@ -248,7 +250,7 @@ class Trainer:
             "val": str(opts.val) if opts.val else None,
             "val_fraction": opts.val_fraction,
         }
-        make_folder(self.run_dir)
+        check_folder_creatable(self.run_dir)
 
     def load_cache(self, subjects: list[Subject], source: str) -> CacheDataset:
         """``subjects`` read, resampled and normalised (stage 1) as for training; ``eval_item`` takes its items."""
@@ -459,6 +461,7 @@ class Trainer:
         if opts.resume:
             self.resume()
         elif self.dist.is_main:
+            make_folder(self.run_dir)
             self._write_run_config()
         if self.step == 0:
             self.model.train()

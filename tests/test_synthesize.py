@@ -262,12 +262,13 @@ def test_csv_subject_names_cannot_leave_the_output_folder(trained, tmp_path, sub
     assert not list(tmp_path.rglob("*escape*")) and not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("value", ["nan", "inf", "-1"])
-def test_temperature_must_be_a_finite_number_at_least_zero(trained, tmp_path, value):
+@pytest.mark.parametrize("flag,value", [("--temperature", "nan"), ("--temperature", "inf"), ("--temperature", "-1"),
+                                        ("--seed", "-1"), ("--seed", str(2**63))])
+def test_temperature_and_seed_out_of_range_are_input_errors(trained, tmp_path, flag, value):
     run, pairs = trained
     out = tmp_path / "o.nii.gz"
-    result = cli("synthesize", pairs / "sub-00_t1.nii.gz", out, "--model", run, "--temperature", value)
-    assert result.exit_code == 3 and "--temperature must be" in result.stderr and not out.exists()
+    result = cli("synthesize", pairs / "sub-00_t1.nii.gz", out, "--model", run, flag, value)
+    assert result.exit_code == 3 and f"{flag} must be" in result.stderr and not out.exists()
 
 
 def test_mri_without_foreground_is_an_input_error(trained, tmp_path):

@@ -369,6 +369,9 @@ def test_injector_lr_scale_is_recorded_and_old_runs_resume_with_one_group(pairs,
     ("--val-fraction", "-0.5", "--val-fraction must be at least 0 and below 1"),
     ("--spacing", "-8", "--spacing must be a positive number"), ("--spacing", "0", "--spacing must be a positive"),
     ("--lr", "nan", "--lr must be a positive number"), ("--time-limit", "0", "--time-limit '0'"),
+    ("--seed", "-1", "--seed must be an integer from 0 to 2^63 - 1, got -1"),
+    ("--set", "steps=[1,2", "'[1,2' is not a YAML value"),
+    ("--val-fraction", "0.95", "--val-fraction 0.95 of 6 subjects leaves none for training"),
     ("--time-limit", "1.2.3", "--time-limit '1.2.3'"), ("--ema", "1.5", "--ema must lie between 0 and 1")])
 def test_bad_option_values_are_one_line_errors_before_anything_is_written(pairs, tmp_path, flag, value, message):
     from typer.testing import CliRunner
@@ -388,7 +391,8 @@ def test_out_that_is_a_file_is_an_output_error(pairs, tmp_path):
     result = run_cli("train", pairs, "--out", out, "--preset", "tiny", "--steps", "2", "--device", "cpu")
     assert result.returncode == 4 and "is a file" in result.stderr and out.read_text() == "precious"
     below = run_cli("train", pairs, "--out", out / "run", "--preset", "tiny", "--steps", "2", "--device", "cpu")
-    assert below.returncode == 4 and f"{out / 'run'}: cannot create the folder" in " ".join(below.stderr.split())
+    assert below.returncode == 4 and f"{out / 'run'}: cannot create the folder ({out} is a file)" in " ".join(
+        below.stderr.split())
     assert "loading" not in below.stderr and "Traceback" not in below.stderr and out.read_text() == "precious"
 
 
