@@ -28,12 +28,17 @@ def sha256_bytes(data: bytes) -> str:
 
 
 def save_state(path: Path, state: dict) -> None:
-    """Write ``state`` (tensors, numbers, strings, lists, dicts) atomically with a checksum sidecar."""
+    """Write ``state`` (tensors, numbers, strings, lists, dicts) atomically with a checksum sidecar.
+
+    The old sidecar goes first and the new one comes last, so a process killed in between leaves
+    an intact file without a sidecar (loaded unchecked), never a file beside another's checksum."""
     buffer = io.BytesIO()
     torch.save(state, buffer)
     data = buffer.getvalue()
+    sidecar = path.with_name(path.name + ".sha256")
+    sidecar.unlink(missing_ok=True)
     write_bytes_atomic(path, data, overwrite=True)
-    write_bytes_atomic(path.with_name(path.name + ".sha256"), (sha256_bytes(data) + "\n").encode(), overwrite=True)
+    write_bytes_atomic(sidecar, (sha256_bytes(data) + "\n").encode(), overwrite=True)
 
 
 def load_state(path: Path, map_location="cpu") -> dict:

@@ -16,6 +16,7 @@ import pytest
 import torch
 from rich.progress import Progress
 
+import medflow.checkpoint
 import medflow.train
 from medflow.checkpoint import load_state, read_config, save_state, step_checkpoints, write_config
 from medflow.errors import ModelError, TrainingError
@@ -88,6 +89,26 @@ def test_memory_saving_training_follows_the_plain_run(pairs, tmp_path):
     a, b = weights(tmp_path / "plain"), weights(tmp_path / "saving")
     for key in a:
         assert torch.allclose(a[key].float(), b[key].float(), atol=1e-3), key
+
+
+@pytest.mark.parametrize("killed_before", ["weights", "checksum"])
+def test_a_checkpoint_replaced_by_a_killed_process_still_loads(tmp_path, monkeypatch, killed_before):
+    """best.pt is replaced in place. A process killed before the new weights are published leaves
+    the old weights, one killed before the new checksum the new weights; either loads, and
+    neither sits beside the other's checksum."""
+    path = tmp_path / "best.pt"
+    save_state(path, {"step": 1})
+    publish = medflow.checkpoint.write_bytes_atomic
+
+    def killed(target, payload, **kwargs):
+        if Path(target).name.endswith(".sha256" if killed_before == "checksum" else ".pt"):
+            raise KeyboardInterrupt
+        return publish(target, payload, **kwargs)
+
+    monkeypatch.setattr(medflow.checkpoint, "write_bytes_atomic", killed)
+    with pytest.raises(KeyboardInterrupt):
+        save_state(path, {"step": 2})
+    assert load_state(path)["step"] == (1 if killed_before == "weights" else 2)
 
 
 def test_corrupted_newest_checkpoint_falls_back_to_previous(pairs, tmp_path):
