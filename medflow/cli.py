@@ -385,7 +385,7 @@ def evaluate(
     Example: medflow evaluate out/ demo/data/pet/ --mask demo/data/mask/ --json metrics.json
     """
     from medflow.evaluation import (
-        csv_report, evaluate_cases, json_report, pair_cases, render_table, summarize, write_reports,
+        csv_report, evaluate_cases, is_single_pair, json_report, pair_cases, render_table, summarize, write_reports,
     )
     from medflow.imageio import check_output_paths
 
@@ -399,6 +399,8 @@ def evaluate(
         for name in unmatched:
             _warn(f"{name}: no counterpart, not evaluated")
         rows = evaluate_cases(cases, data_range)
+        if is_single_pair(pred, ref) and rows[0]["error"]:
+            raise InputError(rows[0]["error"])
         summary = summarize(rows)
         out.print(render_table(rows, summary))
         texts = {}

@@ -92,6 +92,12 @@ def _cases_from_csv(csv_path: Path, mask: Path | None, mask_images: dict[str, Pa
     return cases
 
 
+def is_single_pair(pred: Path, ref: Path | None) -> bool:
+    """Whether ``pred`` and ``ref`` name one image each (files or DICOM series), not a batch."""
+    return ref is not None and not _is_folder(Path(pred)) and not (Path(pred).suffix.lower() == ".csv"
+                                                                  and Path(pred).is_file())
+
+
 def pair_cases(pred: Path, ref: Path | None, mask: Path | None = None) -> tuple[list[EvalCase], list[str]]:
     """Cases to evaluate, and the images (as paths) that have no counterpart in the other folder.
 

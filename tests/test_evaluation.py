@@ -236,3 +236,21 @@ def test_cli_reports_never_replace_inputs_or_existing_files_silently(batch):
     for value in ("0", "-1", "nan"):
         result = cli(listing, "--data-range", value)
         assert result.exit_code == 3 and "--data-range must be a positive number" in result.stderr, value
+
+
+def test_cli_one_bad_pair_is_a_one_line_input_error_without_reports(batch):
+    """Two files are one pair, not a batch: a broken one exits 3 with one line naming it and
+    writes no report; in a batch (folders) it is a failed row and exit 1."""
+    from typer.testing import CliRunner
+
+    from medflow.cli import app
+
+    broken = batch / "pred" / "sub02.nii.gz"
+    broken.write_bytes(broken.read_bytes()[:100])
+    report = batch / "one.json"
+    result = CliRunner().invoke(app, ["evaluate", str(broken), str(batch / "ref" / "sub02.nii.gz"),
+                                      "--json", str(report)])
+    assert result.exit_code == 3 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert str(broken) in result.stderr.replace("\n", "") and not report.exists()
+    result = CliRunner().invoke(app, ["evaluate", str(batch / "pred"), str(batch / "ref"), "--json", str(report)])
+    assert result.exit_code == 1 and json.loads(report.read_text())["cases"][1]["error"]
