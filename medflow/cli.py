@@ -339,7 +339,7 @@ def _run_batch(tm, jobs, output, opts, dev, std_dir, qc_dir, skip_existing):
                 result = synthesize_file(tm, mri_paths, out_path, opts, dev, std_path, qc_path,
                                          warn=lambda m: progress.console.print(f"[yellow]warning:[/] {m}"),
                                          side=job_side)
-                note = "" if result.qc_ok else "QC warning: MRI unlike training data"
+                note = "; ".join(f"QC warning: {message}" for message in result.qc_warnings)
                 rows.append((subject, "ok", note, f"{result.mri_bpv:.3f}"))
             except MedflowError as exc:
                 failures += 1

@@ -51,7 +51,7 @@ class SynthesisResult:
     temperature: float
     mri_bpv: float
     qc_z: float | None
-    qc_ok: bool
+    qc_warnings: list[str]  # quality-control findings, each without the file name
     seconds: float
 
 
@@ -68,6 +68,17 @@ def to_native_grid(volume: torch.Tensor, data: dict, transform: Compose) -> np.n
     pet = MetaTensor(volume[None].cpu(), meta=dict(mri.meta), applied_operations=list(mri.applied_operations))
     inverter = Invertd(keys="pet", transform=transform, orig_keys="mri", nearest_interp=False)
     return np.asarray(inverter({"mri": mri, "pet": pet})["pet"][0], dtype=np.float32)
+
+
+def head_cut_by_grid(data: dict, tm: TrainedModel) -> str | None:
+    """A warning when the MRI's foreground box (without its margin) is larger than the model
+    grid on some axis, so that the grid crops the head and the synthesis is zero there."""
+    box = next(op["orig_size"] for op in data["mri"].applied_operations if op["class"] == "ResizeWithPadOrCrop")
+    head = [int(b) - 2 * tm.prep.margin for b in box]
+    if all(h <= g for h, g in zip(head, tm.prep.grid)):
+        return None
+    return (f"the head ({'x'.join(map(str, head))} voxels at {tm.prep.spacing[0]:g} mm) is larger than "
+            f"the model grid {'x'.join(map(str, tm.prep.grid))}; the synthetic PET is zero where the grid cuts it")
 
 
 def qc_score(bpv: float, qc: dict | None) -> float | None:
@@ -114,14 +125,15 @@ def synthesize_file(tm: TrainedModel, mri_paths: list[Path], out: Path, opts: Sy
                             "use --device cpu or fewer --samples") from None
     bpv = bits_per_voxel(lp_mri, mri, tm.model.config.n_bins).item()
     z = qc_score(bpv, tm.qc)
-    qc_ok = z is None or z <= QC_Z_LIMIT
-    if not qc_ok:
-        message = (f"{mri_paths[0]}: unlike the training MRIs (MRI likelihood {bpv:.3f} bit/voxel, "
-                   f"{z:.1f} SD above training)")
+    qc_warnings = [message for message in (
+        head_cut_by_grid(data, tm),
+        f"unlike the training MRIs (MRI likelihood {bpv:.3f} bit/voxel, {z:.1f} SD above training)"
+        if z is not None and z > QC_Z_LIMIT else None) if message]
+    for message in qc_warnings:
         if opts.strict_qc:
-            raise QCError(message)
+            raise QCError(f"{mri_paths[0]}: {message}")
         if warn:
-            warn(message)
+            warn(f"{mri_paths[0]}: {message}")
     draws = pet_to_units(draws.float(), tm.prep)
     mean = to_native_grid(draws.mean(0), data, transform)
     std = to_native_grid(draws.std(0, unbiased=False), data, transform) if std_out else None
@@ -139,4 +151,4 @@ def synthesize_file(tm: TrainedModel, mri_paths: list[Path], out: Path, opts: Sy
 
             save_qc_png(tmps[-1], reference.data, mean, std, title=f"{mri_paths[0].name}  T={temperature:g} "
                         f"N={opts.samples}")
-    return SynthesisResult(temperature, bpv, z, qc_ok, time.monotonic() - start)
+    return SynthesisResult(temperature, bpv, z, qc_warnings, time.monotonic() - start)

@@ -321,3 +321,22 @@ def test_a_run_stopped_before_its_end_cannot_check_its_inputs(trained, tmp_path)
     assert refused.exit_code == 5 and len(refused.stderr.strip().splitlines()) == 1, refused.stderr
     assert "--strict-qc cannot check the inputs" in refused.stderr.replace("\n", "")
     assert not (tmp_path / "refused.nii.gz").exists()
+
+
+def test_a_head_larger_than_the_model_grid_is_a_quality_warning(trained, tmp_path):
+    """The training heads set the grid (16 voxels of 6 mm here); a head of about 130 mm does not fit,
+    so the PET would be zero where the grid cuts it: a warning naming the file, in a batch a
+    note in the table, and with --strict-qc a refusal (exit 7) with no output."""
+    run, _ = trained
+    big = write_mri(tmp_path / "big.nii.gz", np.diag([6.0, 6.0, 6.0, 1.0]))
+    warned = cli("synthesize", big, tmp_path / "warned.nii.gz", "--model", run)
+    text = " ".join(warned.stderr.split())
+    assert warned.exit_code == 0 and f"{big}: the head (" in text and "larger than the model grid 16x16x16" in text
+    batch = tmp_path / "batch"
+    batch.mkdir()
+    shutil.copy(big, batch / "big.nii.gz")
+    noted = cli("synthesize", batch, tmp_path / "out", "--model", run)
+    assert noted.exit_code == 0 and "QC warning: the head" in " ".join(noted.stdout.split())
+    refused = cli("synthesize", big, tmp_path / "refused.nii.gz", "--model", run, "--strict-qc")
+    assert refused.exit_code == 7 and len(refused.stderr.strip().splitlines()) == 1, refused.stderr
+    assert not (tmp_path / "refused.nii.gz").exists()
