@@ -65,7 +65,13 @@ def load_state(path: Path, map_location="cpu") -> dict:
 
 def step_checkpoints(run_dir: Path) -> list[Path]:
     """Step checkpoints of a run, newest first."""
-    return sorted((Path(run_dir) / CHECKPOINT_DIR).glob("step-*.pt"), reverse=True)
+    found = (Path(run_dir) / CHECKPOINT_DIR).glob("step-*.pt")
+    return sorted((p for p in found if p.stem.removeprefix("step-").isdigit()), key=step_of, reverse=True)
+
+
+def step_of(checkpoint: Path) -> int:
+    """The training step in a step checkpoint's name (``step-0000696.pt``)."""
+    return int(Path(checkpoint).stem.removeprefix("step-"))
 
 
 def save_step(run_dir: Path, step: int, state: dict, keep: int = 2) -> Path:

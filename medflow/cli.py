@@ -113,7 +113,8 @@ def parse_overrides(items: list[str]) -> dict:
         try:
             overrides[key.strip()] = yaml.safe_load(value)
         except yaml.YAMLError as exc:
-            raise InputError(f"--set {item!r}: {value!r} is not a YAML value ({exc.problem})") from None
+            reason = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+            raise InputError(f"--set {item!r}: {value!r} is not a YAML value ({reason})") from None
     return overrides
 
 
@@ -398,9 +399,7 @@ def evaluate(
         check_output_paths(reports, inputs, overwrite)
         for name in unmatched:
             _warn(f"{name}: no counterpart, not evaluated")
-        rows = evaluate_cases(cases, data_range)
-        if is_single_pair(pred, ref) and rows[0]["error"]:
-            raise InputError(rows[0]["error"])
+        rows = evaluate_cases(cases, data_range, stop_on_error=is_single_pair(pred, ref))
         summary = summarize(rows)
         out.print(render_table(rows, summary))
         texts = {}

@@ -21,7 +21,7 @@ import numpy as np
 from rich.table import Table
 from rich.text import Text
 
-from medflow.errors import InputError, MedflowError
+from medflow.errors import InputError, MedflowError, ResourceError
 from medflow.imageio import atomic_paths, image_stem, is_image_path, read_mask, read_volume
 from medflow.manifest import read_csv_rows
 from medflow.metrics import CONVENTIONS, METRIC_NAMES, compute_metrics, data_range_of, reference_mask
@@ -119,7 +119,7 @@ def pair_cases(pred: Path, ref: Path | None, mask: Path | None = None) -> tuple[
         raise InputError(f"{pred}: a reference file or folder is needed (or give a CSV with columns pred, ref)")
     if _is_folder(pred) != _is_folder(ref):
         raise InputError(f"{pred} and {ref}: give two files or two folders")
-    if not _is_folder(pred):
+    if is_single_pair(pred, ref):
         return [EvalCase(image_stem(pred), pred, ref, _mask_for(mask, ref, mask_images))], []
     preds, refs = _images_by_stem(pred), _images_by_stem(ref)
     common = preds.keys() & refs.keys()
@@ -146,32 +146,44 @@ def _one_line(exc: BaseException) -> str:
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
-def evaluate_case(case: EvalCase, data_range: float | None = None) -> dict:
-    """One result row: paths, metrics (None on failure), data range, mask voxel count, error or None."""
-    row = {"subject": case.subject, "pred": str(case.pred), "ref": str(case.ref),
-           "mask": None if case.mask is None else str(case.mask),
-           **dict.fromkeys(METRIC_NAMES), "data_range": None, "mask_voxels": None, "error": None}
+def score_case(case: EvalCase, data_range: float | None = None) -> dict:
+    """Metrics, data range and mask voxel count of one case; MedflowError naming the file when it
+    cannot be scored."""
     try:
         ref = read_volume(case.ref, what="reference")
         pred = read_volume(case.pred, what="prediction")
         _check_same_grid(pred, ref)
         mask = reference_mask(ref.data) if case.mask is None else read_mask(case.mask, like=ref)
         used_range = data_range_of(ref.data, mask) if data_range is None else float(data_range)
-        row.update(compute_metrics(pred.data, ref.data, mask, used_range))
-        row.update(data_range=used_range, mask_voxels=int(mask.sum()))
+        return {**compute_metrics(pred.data, ref.data, mask, used_range), "data_range": used_range,
+                "mask_voxels": int(mask.sum())}
+    except MemoryError:
+        raise ResourceError(f"{case.pred}: not enough memory to score it") from None
+    except (ValueError, OSError) as exc:
+        raise InputError(f"{case.pred}: {_one_line(exc)}") from None
+
+
+def evaluate_case(case: EvalCase, data_range: float | None = None, stop_on_error: bool = False) -> dict:
+    """One result row: paths, metrics, data range, mask voxel count and error (None). A case that
+    cannot be scored gets None metrics and its error, or with ``stop_on_error`` raises it."""
+    row = {"subject": case.subject, "pred": str(case.pred), "ref": str(case.ref),
+           "mask": None if case.mask is None else str(case.mask),
+           **dict.fromkeys(METRIC_NAMES), "data_range": None, "mask_voxels": None, "error": None}
+    try:
+        row.update(score_case(case, data_range))
     except MedflowError as exc:
+        if stop_on_error:
+            raise
         row["error"] = _one_line(exc)
-    except (ValueError, OSError, MemoryError) as exc:
-        row["error"] = f"{case.pred}: {_one_line(exc)}"
     return row
 
 
 def evaluate_cases(cases: list[EvalCase], data_range: float | None = None,
-                   on_result: Callable[[dict], None] | None = None) -> list[dict]:
+                   on_result: Callable[[dict], None] | None = None, stop_on_error: bool = False) -> list[dict]:
     """One row per case (see ``evaluate_case``), in order; ``on_result(row)`` after each."""
     rows = []
     for case in cases:
-        row = evaluate_case(case, data_range)
+        row = evaluate_case(case, data_range, stop_on_error)
         rows.append(row)
         if on_result is not None:
             on_result(row)

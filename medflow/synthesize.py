@@ -14,14 +14,17 @@ import nibabel as nib
 import numpy as np
 import torch
 from monai.data import MetaTensor
-from monai.transforms import Compose, Invertd
+from monai.transforms import Compose, Invertd, ResizeWithPadOrCropd
+from monai.transforms.utils import generate_spatial_bounding_box
 
 from medflow.calibration import with_level_spread
 from medflow.device import check_fits
 from medflow.errors import InputError, OutputError, QCError, ResourceError
 from medflow.imageio import atomic_paths, check_nifti_name, check_output_paths, nifti_image, read_volume
 from medflow.model import bits_per_voxel
-from medflow.preprocess import check_foreground, pet_to_units, plain_tensor, stage1, stage2, volume_to_metatensor
+from medflow.preprocess import (
+    check_foreground, is_foreground, pet_to_units, plain_tensor, stage1, stage2, volume_to_metatensor,
+)
 from medflow.trained import TrainedModel
 
 QC_Z_LIMIT = 4.0
@@ -70,11 +73,12 @@ def to_native_grid(volume: torch.Tensor, data: dict, transform: Compose) -> np.n
     return np.asarray(inverter({"mri": mri, "pet": pet})["pet"][0], dtype=np.float32)
 
 
-def head_cut_by_grid(data: dict, tm: TrainedModel) -> str | None:
-    """A warning when the MRI's foreground box (without its margin) is larger than the model
-    grid on some axis, so that the grid crops the head and the synthesis is zero there."""
-    box = next(op["orig_size"] for op in data["mri"].applied_operations if op["class"] == "ResizeWithPadOrCrop")
-    head = [int(b) - 2 * tm.prep.margin for b in box]
+def head_cut_by_grid(mri_box: torch.Tensor, tm: TrainedModel) -> str | None:
+    """A warning when the head (``is_foreground`` of the first contrast of ``mri_box``, the MRI
+    cropped to its foreground box at the model's spacing, [C, X, Y, Z]) is larger than the model
+    grid on some axis, so that the grid cuts it and the synthesis is zero there."""
+    start, end = generate_spatial_bounding_box(mri_box, select_fn=is_foreground, channel_indices=0)
+    head = [int(e) - int(s) for s, e in zip(start, end)]
     if all(h <= g for h, g in zip(head, tm.prep.grid)):
         return None
     return (f"the head ({'x'.join(map(str, head))} voxels at {tm.prep.spacing[0]:g} mm) is larger than "
@@ -110,7 +114,10 @@ def synthesize_file(tm: TrainedModel, mri_paths: list[Path], out: Path, opts: Sy
     volumes = [read_volume(p, what="MRI") for p in mri_paths]
     check_foreground(volumes[0])
     transform = preprocessing_for(tm)
-    data = transform({"mri": volume_to_metatensor(volumes)})
+    to_grid = next(i for i, step in enumerate(transform.transforms) if isinstance(step, ResizeWithPadOrCropd))
+    boxed = transform({"mri": volume_to_metatensor(volumes)}, end=to_grid)
+    head_cut = head_cut_by_grid(boxed["mri"], tm)
+    data = transform(boxed, start=to_grid)
     check_fits(int(np.prod(tm.prep.grid)) // 8, tm.model.config.hidden, device, str(mri_paths[0]))
     mri = plain_tensor(data["mri"])[None].to(device)
     side_vector = tm.side.encode(side or {}, str(mri_paths[0]))[None].to(device) if tm.side else None
@@ -126,7 +133,7 @@ def synthesize_file(tm: TrainedModel, mri_paths: list[Path], out: Path, opts: Sy
     bpv = bits_per_voxel(lp_mri, mri, tm.model.config.n_bins).item()
     z = qc_score(bpv, tm.qc)
     qc_warnings = [message for message in (
-        head_cut_by_grid(data, tm),
+        head_cut,
         f"unlike the training MRIs (MRI likelihood {bpv:.3f} bit/voxel, {z:.1f} SD above training)"
         if z is not None and z > QC_Z_LIMIT else None) if message]
     for message in qc_warnings:

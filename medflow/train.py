@@ -382,6 +382,8 @@ class Trainer:
         }
 
     def _write_run_config(self, qc: dict | None = None, calibration: dict | None = None) -> None:
+        """config.json; ``qc`` and ``calibration`` describe the weights synthesis loads, so they are
+        written when the run finishes and dropped when it starts or resumes."""
         config = {
             "medflow_version": __version__,
             "torch_version": torch.__version__,
@@ -393,12 +395,9 @@ class Trainer:
             "n_train": len(self.train_cache),
             "n_val": len(self.val_cache),
         }
-        previous = read_config(self.run_dir) if (self.run_dir / "config.json").exists() else {}
         for key, value in (("qc", qc), ("calibration", calibration)):
             if value is not None:
                 config[key] = value
-            elif key in previous:
-                config[key] = previous[key]
         write_config(self.run_dir, config)
 
     def save_checkpoint(self) -> None:
@@ -460,7 +459,7 @@ class Trainer:
         opts = self.opts
         if opts.resume:
             self.resume()
-        elif self.dist.is_main:
+        if self.dist.is_main:
             make_folder(self.run_dir)
             self._write_run_config()
         if self.step == 0:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from medflow.checkpoint import latest_valid_step, load_state, read_config
+from medflow.checkpoint import latest_valid_step, load_state, read_config, step_checkpoints, step_of
 from medflow.device import place_model
 from medflow.errors import ModelError
 from medflow.model import DualGlow, DualGlowConfig
@@ -37,10 +37,14 @@ class TrainedModel:
 
 
 def weights_file(run_dir: Path) -> tuple[Path, dict]:
-    """best.pt, else final.pt, else the newest intact step checkpoint."""
-    for name in ("best.pt", "final.pt"):
-        if (run_dir / name).exists():
-            return run_dir / name, load_state(run_dir / name)
+    """best.pt; else final.pt unless a step checkpoint is newer (a finished run that was resumed
+    and stopped again has trained past it); else the newest intact step checkpoint."""
+    if (run_dir / "best.pt").exists():
+        return run_dir / "best.pt", load_state(run_dir / "best.pt")
+    if (run_dir / "final.pt").exists():
+        final = load_state(run_dir / "final.pt")
+        if all(step_of(path) <= final["step"] for path in step_checkpoints(run_dir)):
+            return run_dir / "final.pt", final
     found = latest_valid_step(run_dir)
     if found is None:
         raise ModelError(f"{run_dir}: no weights (best.pt, final.pt or checkpoints/step-*.pt)")

@@ -18,12 +18,12 @@ from rich.progress import Progress
 
 import medflow.checkpoint
 import medflow.train
-from medflow.checkpoint import load_state, read_config, save_state, step_checkpoints, write_config
+from medflow.checkpoint import load_state, read_config, save_state, save_step, step_checkpoints, write_config
 from medflow.errors import ModelError, TrainingError
 from medflow.model import DualGlow, DualGlowConfig, bits_per_voxel
 from medflow.presets import preset_path
 from medflow.train import Trainer, TrainOptions, lr_factor
-from medflow.trained import load_trained
+from medflow.trained import load_trained, weights_file
 from tests.paired_data import write_paired_csv
 from tests.old_invconv_layout import separate_factor_entries
 
@@ -94,8 +94,8 @@ def test_memory_saving_training_follows_the_plain_run(pairs, tmp_path):
 @pytest.mark.parametrize("killed_before", ["weights", "checksum"])
 def test_a_checkpoint_replaced_by_a_killed_process_still_loads(tmp_path, monkeypatch, killed_before):
     """best.pt is replaced in place. A process killed before the new weights are published leaves
-    the old weights, one killed before the new checksum the new weights; either loads, and
-    neither sits beside the other's checksum."""
+    the old weights, one killed before the new checksum the new weights; either must load (the
+    first fails if the new checksum went first, the second if the old one stayed)."""
     path = tmp_path / "best.pt"
     save_state(path, {"step": 1})
     publish = medflow.checkpoint.write_bytes_atomic
@@ -109,6 +109,20 @@ def test_a_checkpoint_replaced_by_a_killed_process_still_loads(tmp_path, monkeyp
     with pytest.raises(KeyboardInterrupt):
         save_state(path, {"step": 2})
     assert load_state(path)["step"] == (1 if killed_before == "weights" else 2)
+
+
+def test_synthesis_weights_are_best_then_final_unless_training_went_on_past_it(tmp_path):
+    """weights_file: best.pt first; final.pt while no step checkpoint is newer; else the newest
+    intact step checkpoint (steps compared as numbers, not as names)."""
+    save_step(tmp_path, 9_999_999, {"step": 9_999_999})
+    save_step(tmp_path, 10_000_001, {"step": 10_000_001})
+    assert weights_file(tmp_path)[1]["step"] == 10_000_001
+    save_state(tmp_path / "final.pt", {"step": 10_000_001})
+    assert weights_file(tmp_path)[0].name == "final.pt"
+    save_step(tmp_path, 10_000_002, {"step": 10_000_002})
+    assert weights_file(tmp_path)[1]["step"] == 10_000_002
+    save_state(tmp_path / "best.pt", {"step": 7})
+    assert weights_file(tmp_path)[0].name == "best.pt"
 
 
 def test_corrupted_newest_checkpoint_falls_back_to_previous(pairs, tmp_path):
@@ -166,6 +180,14 @@ def test_sigterm_saves_a_checkpoint_and_exits_130(pairs, tmp_path):
     assert finished.returncode == 0, finished.stderr
     assert load_state(run / "final.pt")["step"] == step
     assert read_config(run)["qc"]["n"] == 5 and read_config(run)["calibration"]["subjects"] == 1
+    extended = subprocess.Popen([*MEDFLOW, "train", str(pairs), "--out", str(run), "--resume", "--steps", "100000",
+                                 "--device", "cpu"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    while (run / "metrics.csv").read_text().count("\n") < step + 4:
+        assert extended.poll() is None and time.monotonic() < deadline + 240
+        time.sleep(0.05)
+    extended.send_signal(signal.SIGTERM)
+    assert extended.wait(timeout=120) == 130
+    assert "qc" not in read_config(run) and "calibration" not in read_config(run)
 
 
 class Boom:
@@ -391,7 +413,7 @@ def test_injector_lr_scale_is_recorded_and_old_runs_resume_with_one_group(pairs,
     ("--spacing", "-8", "--spacing must be a positive number"), ("--spacing", "0", "--spacing must be a positive"),
     ("--lr", "nan", "--lr must be a positive number"), ("--time-limit", "0", "--time-limit '0'"),
     ("--seed", "-1", "--seed must be an integer from 0 to 2^63 - 1, got -1"),
-    ("--set", "steps=[1,2", "'[1,2' is not a YAML value"),
+    ("--set", "steps=[1,2", "'[1,2' is not a YAML value"), ("--set", "hidden=\x01", "is not a YAML value"),
     ("--val-fraction", "0.95", "--val-fraction 0.95 of 6 subjects leaves none for training"),
     ("--time-limit", "1.2.3", "--time-limit '1.2.3'"), ("--ema", "1.5", "--ema must lie between 0 and 1")])
 def test_bad_option_values_are_one_line_errors_before_anything_is_written(pairs, tmp_path, flag, value, message):
