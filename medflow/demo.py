@@ -87,7 +87,9 @@ def run_demo(opts: DemoOptions, console, progress_factory) -> dict:
                                        checkpoint_every=50), reporter=console.print)
         console.print(f"training '{opts.preset}' for at most {opts.time_limit:.0f} s on {trainer.device}")
         with progress_factory() as progress:
-            trainer.run(progress)
+            stopped_by = trainer.run(progress)["stopped_by"]
+        if stopped_by == "signal":
+            raise KeyboardInterrupt  # the checkpoint is saved; running the demo again resumes the training
     device = resolve_device(opts.device)
     model = load_trained(run, device)
 

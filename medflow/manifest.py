@@ -35,7 +35,7 @@ class Subject:
 def resolve_listed_path(value: str, base: Path, source: Path, allow_outside: bool) -> Path:
     """A path from a list file, relative to ``base``; refuses to leave ``base`` unless allowed."""
     raw = Path(value.strip())
-    path = raw if raw.is_absolute() else base / raw
+    path = raw if raw.is_absolute() else base / os.path.normpath(raw)
     if not allow_outside:
         if raw.is_absolute():
             raise InputError(f"{source}: absolute path {value!r} not allowed (pass --allow-outside-paths)")

@@ -52,3 +52,27 @@ def test_same_data_keeps_the_run(tmp_path):
     (tmp_path / "run" / "final.pt").write_bytes(b"trained")
     prepare_demo_data(opts)
     assert (tmp_path / "run" / "final.pt").read_bytes() == b"trained"
+
+
+def test_a_demo_whose_training_is_stopped_stops_there(tmp_path, monkeypatch):
+    """Ctrl-C during the demo's training saves a checkpoint and ends the demo (exit 130 from the
+    CLI) instead of synthesizing with an unfinished model; running it again resumes."""
+    import medflow.train
+    from rich.console import Console
+    from rich.progress import Progress
+
+    from medflow.demo import run_demo
+
+    class Stopped:
+        device = "cpu"
+
+        def __init__(self, opts, reporter):
+            pass
+
+        def run(self, progress):
+            return {"step": 3, "stopped_by": "signal"}
+
+    monkeypatch.setattr(medflow.train, "Trainer", Stopped)
+    with pytest.raises(KeyboardInterrupt):
+        run_demo(DemoOptions(tmp_path, subjects=2, heldout=1), Console(quiet=True), lambda: Progress(disable=True))
+    assert (tmp_path / "data" / "manifest.csv").exists() and not (tmp_path / "synth").exists()

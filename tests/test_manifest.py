@@ -31,9 +31,10 @@ def test_a_symlinked_data_folder_inside_the_csv_folder_is_not_leaving_it(tmp_pat
     (tmp_path / "elsewhere").mkdir()
     (tmp_path / "lists").mkdir()
     (tmp_path / "lists" / "data").symlink_to(tmp_path / "elsewhere")
-    (tmp_path / "lists" / "list.csv").write_text("mri,pet\ndata/a.nii.gz,data/./b.nii.gz\n")
+    (tmp_path / "lists" / "list.csv").write_text("mri,pet\ndata/a.nii.gz,data/../b.nii.gz\n")
     (subject,) = read_manifest(tmp_path / "lists" / "list.csv")
     assert subject.mri == [tmp_path / "lists" / "data" / "a.nii.gz"]
+    assert subject.pet == tmp_path / "lists" / "b.nii.gz", "data/../ goes back to the list's folder, not elsewhere/.."
 
 
 def test_excel_csv_with_byte_order_mark_and_spaces_around_names(tmp_path):
