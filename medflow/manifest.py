@@ -112,6 +112,9 @@ def read_manifest(source: Path, mri_columns: list[str] | None = None, *, need_pe
     """Subjects from a CSV file or a paired folder."""
     source = Path(source)
     if source.is_dir():
+        if mri_columns and len(mri_columns) > 1:
+            raise InputError(f"{source}: a folder gives one MRI per subject; for {', '.join(mri_columns)} give a "
+                             "CSV with those columns")
         return read_folder_manifest(source)
     if not source.exists():
         raise InputError(f"{source}: no such file or folder")

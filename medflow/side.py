@@ -2,12 +2,14 @@
 
 Numeric columns are standardised with the training mean and standard deviation;
 categorical columns are one-hot encoded over the categories seen in training. A
-covariate left out at synthesis takes its default: the training mean for numbers, the
-most frequent training category otherwise.
+covariate that is missing (left out, blank, or a missing-value marker such as NA or NaN)
+takes its default: the training mean for numbers, the most frequent training category
+otherwise.
 """
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -16,12 +18,28 @@ import torch
 from medflow.errors import InputError
 
 
+MISSING_MARKERS = {"", "na", "n/a", "#n/a", "<na>", "nan", "null"}
+
+
+def _is_missing(text: str) -> bool:
+    """Blank, or a spreadsheet's or R's or pandas' marker of a missing value (any case)."""
+    return text.strip().lower() in MISSING_MARKERS
+
+
 def _is_number(text: str) -> bool:
     try:
         float(text)
     except ValueError:
         return False
     return True
+
+
+def _finite_number(text: str, column: str, source: str) -> float:
+    """``text`` as a finite number; InputError naming the column for inf."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise InputError(f"{source}: side information {column}={text!r} is not a finite number")
+    return value
 
 
 @dataclass
@@ -35,14 +53,14 @@ class SideSpec:
 
     @classmethod
     def fit(cls, columns: list[str], rows: list[dict[str, str]], source: str) -> "SideSpec":
-        """Learn encodings from training rows (each a dict of column -> text)."""
+        """Learn encodings from training rows (each a dict of column -> text), missing values left out."""
         spec = cls(list(columns))
         for column in columns:
-            values = [r.get(column, "").strip() for r in rows if r.get(column, "").strip()]
+            values = [r.get(column, "").strip() for r in rows if not _is_missing(r.get(column, ""))]
             if not values:
                 raise InputError(f"{source}: side-information column {column!r} is missing or empty")
             if all(_is_number(v) for v in values):
-                numbers = torch.tensor([float(v) for v in values], dtype=torch.float64)
+                numbers = torch.tensor([_finite_number(v, column, source) for v in values], dtype=torch.float64)
                 std = float(numbers.std()) if len(values) > 1 else 1.0
                 spec.numeric[column] = [float(numbers.mean()), std if std > 0 else 1.0]
                 spec.defaults[column] = f"{float(numbers.mean()):g}"
@@ -79,12 +97,13 @@ class SideSpec:
                              f"(the model knows {', '.join(self.columns)})")
         parts = []
         for column in self.columns:
-            text = (values.get(column) or "").strip() or self.defaults[column]
+            text = values.get(column) or ""
+            text = self.defaults[column] if _is_missing(text) else text.strip()
             if column in self.numeric:
                 if not _is_number(text):
                     raise InputError(f"{source}: side information {column}={text!r} is not a number")
                 mean, std = self.numeric[column]
-                parts.append(torch.tensor([(float(text) - mean) / std]))
+                parts.append(torch.tensor([(_finite_number(text, column, source) - mean) / std]))
             else:
                 categories = self.categorical[column]
                 if text not in categories:

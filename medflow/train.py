@@ -268,7 +268,7 @@ class Trainer:
             train, val = split_subjects(subjects, s["val_fraction"], s["seed"])
         self.train_subjects, self.val_subjects = train, val
         if s.get("side_columns") and "side" not in s:
-            spec = SideSpec.fit(s["side_columns"], [x.side for x in train], s["data"])
+            spec = SideSpec.fit(s["side_columns"], [x.side for x in train + val], s["data"])
             s["side"] = spec.to_dict()
             s["model"]["side_channels"] = spec.width
             s["model"]["side_map_channels"] = spec.categorical_channels()

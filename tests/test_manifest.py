@@ -55,6 +55,8 @@ def test_folder_form_pairs_by_name(tmp_path):
         (src / f"sub-{i:02d}_pet.nii.gz").rename(tmp_path / "data" / "pet" / f"s{i}.nii.gz")
     subjects = read_manifest(tmp_path / "data")
     assert [s.subject for s in subjects] == ["s0", "s1"]
+    with pytest.raises(InputError, match="a folder gives one MRI per subject; for mri, t2 give a CSV"):
+        read_manifest(tmp_path / "data", ["mri", "t2"])
     (tmp_path / "data" / "pet" / "s1.nii.gz").unlink()
     with pytest.raises(InputError, match="no PET of the same name"):
         read_manifest(tmp_path / "data")

@@ -43,6 +43,21 @@ def test_spec_standardises_numbers_one_hots_categories_and_fills_defaults():
         parse_side("age74")
 
 
+def test_missing_value_markers_take_the_default_and_infinities_are_refused():
+    """NA, N/A, NaN, null and blanks are missing values (left out of the fit, the default at
+    encoding), so they neither make a numeric column categorical nor reach the model as NaN."""
+    rows = ROWS + [{"age": "NA", "sex": "", "dx": "nan"}, {"age": " n/a ", "sex": "null", "dx": "CN"}]
+    spec = SideSpec.fit(["age", "sex", "dx"], rows, "train.csv")
+    assert spec.numeric["age"][0] == pytest.approx(70.0) and spec.categorical == {"sex": ["F", "M"], "dx": ["AD", "CN"]}
+    for marker in ("NaN", "nan", "NA", "#N/A", "<NA>", " "):
+        assert torch.equal(spec.encode({"age": marker, "sex": marker, "dx": marker}, "x"), spec.encode({}, "x"))
+    for bad in ("inf", "-Infinity"):
+        with pytest.raises(InputError, match=f"age={bad!r} is not a finite number"):
+            spec.encode({"age": bad}, "x")
+        with pytest.raises(InputError, match="not a finite number"):
+            SideSpec.fit(["age"], ROWS + [{"age": bad}], "train.csv")
+
+
 def test_gradient_reversal_flips_the_sign():
     x = torch.randn(3, requires_grad=True)
     grad_reverse(x, 2.0).sum().backward()
