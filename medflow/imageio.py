@@ -16,6 +16,7 @@ import logging
 import os
 import re
 import secrets
+import shutil
 import sys
 import tempfile
 import threading
@@ -177,17 +178,18 @@ def atomic_paths(paths: list[str | Path], *, overwrite: bool = False,
     unless ``overwrite``; each folder exists and is writable.  On clean exit all the files are
     fsynced, then each is hard-linked onto its path (so a file that another writer created
     meanwhile is never clobbered: OutputError, and the outputs already published are removed) or,
-    with ``overwrite``, renamed over it.  On any exception, KeyboardInterrupt included, the
-    temporary files are removed and the exception re-raised; a full disk becomes OutputError.
+    with ``overwrite``, renamed over it (the files it replaces are kept aside until all are in place,
+    and put back if one fails).  On any exception, KeyboardInterrupt included, the temporary files
+    are removed and the exception re-raised; a full disk becomes OutputError.
     """
     paths = [Path(p) for p in paths]
     check_output_paths(paths, [Path(p) for p in inputs], overwrite)
     tmps: list[Path] = []
     published: list[Path] = []
+    replaced: dict[Path, Path] = {}
     try:
         for path in paths:
-            stem, suffix = _split_suffix(path.name)
-            tmp = path.parent / f".{stem}.tmp-{os.getpid()}-{secrets.token_hex(4)}{suffix}"
+            tmp = _hidden_sibling(path, "tmp")
             try:
                 os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
             except OSError as exc:
@@ -201,6 +203,8 @@ def atomic_paths(paths: list[str | Path], *, overwrite: bool = False,
                 raise _output_error(path, exc) from None
         for tmp, path in zip(tmps, paths):
             try:
+                if overwrite and path.exists():
+                    replaced[path] = _keep_aside(path)
                 _publish(tmp, path, overwrite)
             except OSError as exc:
                 raise _output_error(path, exc) from None
@@ -208,14 +212,38 @@ def atomic_paths(paths: list[str | Path], *, overwrite: bool = False,
     except BaseException as exc:
         for tmp in tmps:
             _remove_quietly(tmp)
-        if not overwrite:
-            for path in published:
+        for path in published:
+            if path in replaced:
+                os.replace(replaced.pop(path), path)
+            else:
                 _remove_quietly(path)
+        for old in replaced.values():
+            _remove_quietly(old)
         if isinstance(exc, OSError) and exc.errno in _FULL_DISK:
             raise _output_error(paths[len(published)], exc) from None
         raise
+    for old in replaced.values():
+        _remove_quietly(old)
     for folder in dict.fromkeys(path.parent for path in paths):
         _fsync_folder(folder)
+
+
+def _keep_aside(path: Path) -> Path:
+    """A hidden hard link to (or, where the folder has none, copy of) the file at ``path``."""
+    old = _hidden_sibling(path, "old")
+    try:
+        os.link(path, old)
+    except OSError as exc:
+        if exc.errno not in _NO_HARDLINKS:
+            raise
+        shutil.copyfile(path, old)
+    return old
+
+
+def _hidden_sibling(path: Path, tag: str) -> Path:
+    """A new hidden name beside ``path`` with its suffix: ``.NAME.TAG-PID-RANDOM.nii.gz``."""
+    stem, suffix = _split_suffix(path.name)
+    return path.parent / f".{stem}.{tag}-{os.getpid()}-{secrets.token_hex(4)}{suffix}"
 
 
 def check_output_paths(paths: list[Path], inputs: list[Path], overwrite: bool) -> None:
@@ -324,6 +352,9 @@ def _open_nibabel(path: Path) -> _Header:
     if not isinstance(image, (nib.Nifti1Pair, nib.MGHImage)):
         raise InputError(f"{path}: old Analyze 7.5 format, whose left-right orientation is ambiguous; "
                          "convert it to NIfTI with a known orientation")
+    if isinstance(image, nib.Nifti1Pair) and not image.header["sform_code"] and not image.header["qform_code"]:
+        raise InputError(f"{path}: no orientation (NIfTI sform and qform codes 0), so its position and "
+                         "left-right orientation are unknown; set them from the scanner's data (e.g. fslorient)")
     dtype = image.get_data_dtype()
     if dtype.fields:
         problem = "colour (RGB/RGBA) data; give a scalar (grey-level) volume"

@@ -31,8 +31,8 @@ BAD_CASES = (
     "unknown_format", "single_dicom_file", "nan", "inf", "all_zero", "constant", "two_d", "single_slice",
     "four_d", "five_d", "tiny_3x3x3", "thin_20x24x5", "singular_affine", "parallel_axes_affine",
     "sheared_affine", "nonfinite_affine", "huge_declared", "huge_axis", "complex_dtype", "rgb_dtype", "analyze",
-    "directory", "two_dicom_series", "truncated_mha", "truncated_nrrd", "garbage_nrrd", "mhd_missing_data",
-    "nhdr_missing_data", "rgb_mha", "four_d_mha", "two_d_mha", "unreadable",
+    "no_orientation", "directory", "two_dicom_series", "truncated_mha", "truncated_nrrd", "garbage_nrrd",
+    "mhd_missing_data", "nhdr_missing_data", "rgb_mha", "four_d_mha", "two_d_mha", "unreadable",
 )
 UNUSUAL_CASES = (
     "lps", "oblique", "anisotropic", "qform_only", "int16_scaled", "big_endian", "uint8", "four_d_one_frame",
@@ -276,6 +276,7 @@ def bad_corpus(folder: str | Path) -> dict[str, Path]:
     paths["rgb_dtype"] = write_raw_nifti(folder / "rgb.nii", nifti_header(SHAPE, rgb.dtype), rgb.tobytes(order="F"))
     nib.save(nib.AnalyzeImage(data, eye), folder / "analyze.hdr")
     paths["analyze"] = folder / "analyze.hdr"
+    paths["no_orientation"] = save_nifti(folder / "no_orientation.nii.gz", data, eye, sform=False, qform=False)
 
     paths["directory"] = folder / "not_dicom"
     paths["directory"].mkdir(exist_ok=True)

@@ -11,7 +11,7 @@ import SimpleITK as sitk
 
 from medflow import imageio
 from medflow.errors import InputError, OutputError
-from medflow.imageio import (Volume, atomic_path, image_stem, is_image_path, read_mask, read_volume,
+from medflow.imageio import (Volume, atomic_path, atomic_paths, image_stem, is_image_path, read_mask, read_volume,
                              write_volume)
 from tests.badfiles import (BAD_CASES, LPS_TO_RAS_4, SHAPE, UNUSUAL_CASES, bad_corpus, oblique_affine, pattern,
                             save_nifti, unusual_cases, write_dicom_series)
@@ -47,6 +47,7 @@ EXPECTED_PROBLEM = {
     "complex_dtype": "complex data type complex64",
     "rgb_dtype": "colour (RGB/RGBA) data",
     "analyze": "old Analyze 7.5 format",
+    "no_orientation": "no orientation (NIfTI sform and qform codes 0)",
     "directory": "is a folder that holds no DICOM series",
     "two_dicom_series": "folder holds 2 DICOM series",
     "truncated_mha": "data is shorter than the header declares",
@@ -298,6 +299,37 @@ def test_publish_without_hard_links_still_never_clobbers(tmp_path, monkeypatch):
             tmp.write_bytes(b"two")
             target.write_bytes(b"someone else")
     assert target.read_bytes() == b"someone else" and os.listdir(tmp_path) == ["pet.nii.gz"]
+
+
+@pytest.mark.parametrize("hard_links", [True, False])
+def test_overwriting_outputs_that_fail_midway_puts_the_old_ones_back(tmp_path, monkeypatch, hard_links):
+    """With overwrite, a PET and its std map replace the old pair together: when the second cannot
+    be published, the first old file comes back, and nothing else is left in the folder."""
+    pet, std = tmp_path / "pet.nii.gz", tmp_path / "std.nii.gz"
+    pet.write_bytes(b"old pet")
+    std.write_bytes(b"old std")
+    if not hard_links:
+        monkeypatch.setattr(os, "link", lambda *a, **k: (_ for _ in ()).throw(OSError(errno.EPERM, "no links")))
+    real_replace = os.replace
+
+    def std_fails(source, target):
+        if os.fspath(target) == str(std):
+            raise OSError(errno.EIO, "Input/output error")
+        return real_replace(source, target)
+
+    monkeypatch.setattr(os, "replace", std_fails)
+    with pytest.raises(OutputError, match="std.nii.gz"):
+        with atomic_paths([pet, std], overwrite=True) as (new_pet, new_std):
+            new_pet.write_bytes(b"new pet")
+            new_std.write_bytes(b"new std")
+    assert pet.read_bytes() == b"old pet" and std.read_bytes() == b"old std"
+    assert sorted(os.listdir(tmp_path)) == ["pet.nii.gz", "std.nii.gz"]
+    monkeypatch.setattr(os, "replace", real_replace)
+    with atomic_paths([pet, std], overwrite=True) as (new_pet, new_std):
+        new_pet.write_bytes(b"new pet")
+        new_std.write_bytes(b"new std")
+    assert pet.read_bytes() == b"new pet" and std.read_bytes() == b"new std"
+    assert sorted(os.listdir(tmp_path)) == ["pet.nii.gz", "std.nii.gz"]
 
 
 def test_missing_output_folder_is_named(tmp_path):
