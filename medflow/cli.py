@@ -118,9 +118,9 @@ def parse_overrides(items: list[str]) -> dict:
     return overrides
 
 
-def check_seed(seed: int) -> None:
-    """InputError unless numpy and torch can both take ``seed``."""
-    if not 0 <= seed < 2**63:
+def check_seed(seed: int | None) -> None:
+    """InputError unless numpy and torch can both take ``seed`` (None: the command's default)."""
+    if seed is not None and not 0 <= seed < 2**63:
         raise InputError(f"--seed must be an integer from 0 to 2^63 - 1, got {seed}")
 
 
@@ -158,7 +158,8 @@ def train(
     lr: float = typer.Option(None, help="Peak learning rate of AdamW (default: the preset's)."),
     warmup: int = typer.Option(None, help="Linear warm-up steps (default: the preset's)."),
     ema: float = typer.Option(None, help="Keep an exponential moving average of the weights with this decay."),
-    seed: int = typer.Option(0, help="Seed: the same seed on CPU gives the same weights."),
+    seed: int = typer.Option(None, help="Seed (default 0): the same seed on CPU gives the same weights; a "
+                                        "resumed run keeps its own."),
     device: str = typer.Option("auto", help="auto, cpu or cuda (an explicit cuda without a GPU is an error)."),
     bf16: bool = typer.Option(False, "--bf16", help="bfloat16 coupling subnets on GPU (invertible maths stays fp32)."),
     memory_saving: bool = typer.Option(False, "--memory-saving",

@@ -12,7 +12,7 @@ import csv
 import math
 import signal
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -72,7 +72,7 @@ class TrainOptions:
     weight_decay: float = 0.0
     clip: float = 50.0
     ema: float | None = None
-    seed: int = 0
+    seed: int | None = None  # None: 0 for a new run, its own for --resume
     device: str = "auto"
     bf16: bool = False
     recompute: bool = False
@@ -191,6 +191,7 @@ class Trainer:
         self.device = resolve_device(opts.device, self.dist.local_rank)
         self.run_dir = Path(opts.out)
         self._prepare_run_dir()
+        opts = self.opts = self._course(opts)
         preset = load_preset(self.settings["preset"])
         train_cfg = {**preset["train"], **{k: v for k, v in self.settings["train"].items() if v is not None}}
         self.batch_size = int(train_cfg.get("batch_size", 1))
@@ -243,7 +244,7 @@ class Trainer:
             "grid": list(opts.grid) if opts.grid else None,
             "mri_columns": list(opts.mri_columns),
             "side_columns": list(opts.side_columns),
-            "seed": opts.seed,
+            "seed": opts.seed or 0,
             "train": {"batch_size": opts.batch_size, "lr": opts.lr, "warmup_steps": opts.warmup,
                       "injector_lr_scale": injector_lr_scale(preset["train"], opts.preset)},
             "data": str(opts.data),
@@ -251,6 +252,22 @@ class Trainer:
             "val_fraction": opts.val_fraction,
         }
         check_folder_creatable(self.run_dir)
+
+    def _course(self, opts: TrainOptions) -> TrainOptions:
+        """``opts`` with the run's own seed and EMA decay, and its stop rule (``--steps``,
+        ``--epochs``, ``--time-limit``) unless the command gives one, which then becomes the run's:
+        a plain ``--resume`` continues the run as it was started. Recorded under ``course``."""
+        course = self.settings.get("course") if opts.resume else None
+        seed = self.settings.setdefault("seed", opts.seed or 0)
+        if opts.seed is not None and opts.seed != seed:
+            raise InputError(f"--seed {opts.seed}: the run in {self.run_dir} has seed {seed}, which a resumed "
+                             "run keeps; drop --seed")
+        stop = {"steps": opts.steps, "epochs": opts.epochs, "time_limit": opts.time_limit}
+        if course and not any(value is not None for value in stop.values()):
+            stop = {key: course[key] for key in stop}
+        ema = opts.ema if opts.ema is not None or not course else course["ema"]
+        self.settings["course"] = {**stop, "ema": ema}
+        return replace(opts, seed=seed, ema=ema, **stop)
 
     def load_cache(self, subjects: list[Subject], source: str) -> CacheDataset:
         """``subjects`` read, resampled and normalised (stage 1) as for training; ``eval_item`` takes its items."""

@@ -47,6 +47,7 @@ def weights(run: Path) -> dict:
 
 
 def test_sigkill_then_resume_equals_uninterrupted_run(pairs, tmp_path):
+    """A plain --resume takes the run's seed and stop rule (--seed 3, --steps 8) from the run."""
     straight = tmp_path / "straight"
     done = run_cli("train", pairs, "--out", straight, *TRAIN_ARGS)
     assert done.returncode == 0, done.stderr
@@ -64,13 +65,30 @@ def test_sigkill_then_resume_equals_uninterrupted_run(pairs, tmp_path):
     assert not (killed / "final.pt").exists()
     refused = run_cli("train", pairs, "--out", killed, *TRAIN_ARGS)
     assert refused.returncode == 4 and "--resume" in refused.stderr
-    resumed = run_cli("train", pairs, "--out", killed, *TRAIN_ARGS, "--resume")
+    reseeded = run_cli("train", pairs, "--out", killed, "--resume", "--seed", "4", "--device", "cpu")
+    assert reseeded.returncode == 3 and "has seed 3, which a resumed run keeps" in " ".join(reseeded.stderr.split())
+    resumed = run_cli("train", pairs, "--out", killed, "--resume", "--device", "cpu", "--checkpoint-every", "1",
+                      "--val-every", "4")
     assert resumed.returncode == 0, resumed.stderr
     assert "resumed from step-" in resumed.stderr
     a, b = weights(straight), weights(killed)
     assert a.keys() == b.keys()
     for key in a:
         assert torch.allclose(a[key].float(), b[key].float(), atol=1e-6), key
+
+
+def test_a_plain_resume_keeps_the_runs_ema_and_stop_rule_and_a_new_stop_rule_becomes_the_runs(pairs, tmp_path):
+    run = tmp_path / "run"
+    first = Trainer(TrainOptions(data=pairs, out=run, preset="tiny", steps=3, ema=0.9, seed=5, device="cpu",
+                                 spacing=6.0, val_fraction=0.0), reporter=lambda m: None)
+    first.run(Progress(disable=True))
+    plain = Trainer(TrainOptions(data=pairs, out=run, resume=True, device="cpu"), reporter=lambda m: None)
+    assert (plain.opts.seed, plain.opts.ema, plain.total_steps) == (5, 0.9, 3) and plain.ema is not None
+    longer = Trainer(TrainOptions(data=pairs, out=run, resume=True, time_limit=0.001, device="cpu"),
+                     reporter=lambda m: None)
+    assert (longer.total_steps, longer.opts.time_limit, longer.opts.ema) == (None, 0.001, 0.9)
+    longer.run(Progress(disable=True))
+    assert read_config(run)["settings"]["course"] == {"steps": None, "epochs": None, "time_limit": 0.001, "ema": 0.9}
 
 
 def test_memory_saving_training_follows_the_plain_run(pairs, tmp_path):
