@@ -339,16 +339,14 @@ CALIBRATION_TRUTHS = ("true PET; std with the level's spread",
 
 def medflow_variants(tm) -> dict[str, tuple[float, int]]:
     """name: (temperature, samples), at the temperature ``medflow synthesize`` uses by default
-    (``TrainedModel.temperature``: calibrated on the validation subjects, else 0.5) and at 0.5;
-    each mean and std from as many samples as the temperature was calibrated for."""
+    (``TrainedModel.temperature``: calibrated on the validation subjects, else 0.5) and, when that
+    is another, at 0.5; each mean and std from as many samples as the temperature was calibrated for."""
     default = f"T={tm.temperature:.2f} ({'calibrated' if tm.calibration else 'default'})"
     n = CALIBRATION_SAMPLES
-    return {
-        f"medflow, mean of {n} samples, {default}": (tm.temperature, n),
-        f"medflow, mean of {n} samples, T=0.5": (0.5, n),
-        "medflow, T=0 (prior mean)": (0.0, 1),
-        f"medflow, single sample, {default}": (tm.temperature, 1),
-    }
+    variants = {f"medflow, mean of {n} samples, {default}": (tm.temperature, n)}
+    if tm.temperature != 0.5:
+        variants[f"medflow, mean of {n} samples, T=0.5"] = (0.5, n)
+    return {**variants, "medflow, T=0 (prior mean)": (0.0, 1), f"medflow, single sample, {default}": (tm.temperature, 1)}
 
 
 def score_test_subjects(tm, unets: dict, subjects, folder: Path, device: torch.device, levels) -> dict:
@@ -400,7 +398,8 @@ def score_test_subjects(tm, unets: dict, subjects, folder: Path, device: torch.d
 
 def quality_run(data_csv: Path, work: Path, steps: int, seed: int, device: torch.device) -> dict:
     """medflow ``small`` trained for ``steps`` steps, and the U-Net for the seconds that took
-    (``Trainer.clock``: the training loop, its validations included) and for as many steps, all
+    (``Trainer.clock``: the training loop with its validations and checkpoints before the last
+    step) and for as many steps, all
     with ``seed`` (which also picks the validation subjects and the batch order) -> test scores."""
     from medflow.imageio import read_volume
     from medflow.manifest import read_manifest
@@ -425,7 +424,8 @@ def quality_run(data_csv: Path, work: Path, steps: int, seed: int, device: torch
     (work / "synth").mkdir()
     console.print(f"scoring {len(test)} held-out subjects")
     result = score_test_subjects(tm, {UNET: net, UNET_SAME_STEPS: same_steps}, test, work / "synth", device, levels)
-    result.update(seed=seed, budget_s=budget_s, flow_steps=summary["step"], unet_steps=unet_steps, n_levels=len(levels),
+    result.update(seed=seed, budget_s=budget_s, flow_steps=summary["step"], served_step=tm.step,
+                  unet_steps=unet_steps, n_levels=len(levels),
                   n_train=len(trainer.train_cache), n_val=len(trainer.val_cache), n_test=len(test),
                   grid=list(trainer.prep.grid), spacing=list(trainer.prep.spacing),
                   batch_size=trainer.batch_size, device=str(device), seconds=time.monotonic() - start)
@@ -845,12 +845,15 @@ Demo data from `medflow.demo_data.make_demo_dataset` (recipe version {RECIPE_VER
 64, 128, 16, with the layers medflow's injector runs it with, `flows.injector.unet_with_medflow_layers`;
 L1 loss from scaled MRI to scaled PET; AdamW, lr 1e-3) each trained for
 {result['budget_s']:.0f} s of wall-clock time on the same batches (same preprocessing, augmentation
-and batch size; seed {result['seed']}): {result['flow_steps']} medflow steps (`--quality-steps`; the time is what they took,
-validations included), then {result['unet_steps']} U-Net steps (that time over the U-Net's own step time,
+and batch size; seed {result['seed']}): {result['flow_steps']} medflow steps (`--quality-steps`; the time is what they took
+with the validations and checkpoints on the way, not the final validation and the temperature calibration), then
+{result['unet_steps']} U-Net steps (that time over the U-Net's own step time,
 measured over its steps {UNET_WARMUP_STEPS} to {UNET_WARMUP_STEPS + UNET_TIMED_STEPS - 1}). Both learning rates decay by cosine to 10 % over
 their steps, so a re-run on the same machine repeats medflow's training exactly and the
 U-Net's up to its number of steps. The row "{UNET_SAME_STEPS}" is the same U-Net trained for
-{result['flow_steps']} steps instead (the first {result['flow_steps']} batches): what each model learns per update. Predictions on the
+{result['flow_steps']} steps instead (the first {result['flow_steps']} batches): what each model learns per update. medflow is
+scored with the weights `medflow synthesize` loads, those of the validation with the lowest PET bits per voxel
+(`best.pt`): here those of step {result['served_step']}. Predictions on the
 test subjects are mapped back to each subject's own grid (`medflow.synthesize.to_native_grid`)
 and scored inside its brain mask by `medflow.metrics.compute_metrics`; mean ± SD over the
 {result['n_test']} test subjects. Training, synthesis and scoring took {result['seconds'] / 60:.1f} min.

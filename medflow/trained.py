@@ -28,6 +28,7 @@ class TrainedModel:
     weights: Path
     side: SideSpec | None = None
     calibration: dict | None = None
+    step: int | None = None  # the training step of the weights
 
     @property
     def temperature(self) -> float:
@@ -70,4 +71,4 @@ def load_trained(run_dir: str | Path, device: torch.device) -> TrainedModel:
     except (KeyError, RuntimeError) as exc:
         raise ModelError(f"{path}: weights do not match config.json ({str(exc).splitlines()[0][:160]})") from None
     return TrainedModel(place_model(model, device).eval(), prep, mri_columns, config.get("qc"), path, side,
-                        config.get("calibration"))
+                        config.get("calibration"), state.get("step"))

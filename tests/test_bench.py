@@ -103,10 +103,10 @@ def test_quality_markdown_and_level_matching():
               "samples": 8, "calibration": {"temperature": 1.25, "subjects": 2, "z": 1.645, "samples": 16,
                                             "target": 0.86, "coverage": 0.855},
               "budget_s": 60.0,
-              "flow_steps": 10, "unet_steps": 20, "n_train": 22, "n_val": 2, "n_test": 2, "grid": [48, 56, 48],
+              "flow_steps": 10, "served_step": 10, "unet_steps": 20, "n_train": 22, "n_val": 2, "n_test": 2, "grid": [48, 56, 48],
               "spacing": [4.0, 4.0, 4.0], "batch_size": 2, "device": "cpu", "seconds": 120.0, "seed": 0}
     text = bench.quality_markdown(result)
-    assert "seed 0)" in text
+    assert "seed 0)" in text and "here those of step 10." in text
     assert "| U-Net | 20.00 ± 0.00 | 0.800 ± 0.000 |" in text and "| U-Net | 22.00 ± 1.41 | 0.800 ± 0.000 |" in text
     assert "| U-Net | 19.25 ± 0.35 | 20.00 ± 0.00 |" in text and "over the 24 training and validation" in text
     assert f"| {bench.CALIBRATION_TRUTHS[0]} | 0.5 | mean ± 1.645 std | 82.5 | 85.0 ± 7.1 |" in text
@@ -340,3 +340,14 @@ def test_a_run_over_seeds_writes_its_own_part(tmp_path, monkeypatch):
     assert "standard run" in text and "quality x2 on 5" in text
     assert "<!-- medflow bench: cpu_seeds -->\n# medflow benchmarks on CPU: quality over 2 seeds" in text
     assert "re-run that command to refresh" in text
+
+
+def test_medflow_variants_do_not_repeat_the_default_temperature():
+    """A model without calibration samples at 0.5 by default: one row at 0.5, not two rows (and
+    two coverage lists) under one temperature."""
+    from medflow.trained import TrainedModel
+
+    uncalibrated = bench.medflow_variants(TrainedModel(None, None, ["mri"], None, None))
+    assert list(uncalibrated.values()) == [(0.5, 16), (0.0, 1), (0.5, 1)]
+    calibrated = bench.medflow_variants(TrainedModel(None, None, ["mri"], None, None, calibration={"temperature": 1.4}))
+    assert list(calibrated.values()) == [(1.4, 16), (0.5, 16), (0.0, 1), (1.4, 1)]
