@@ -1,10 +1,10 @@
 """Side information (age, sex, diagnosis...): encoding tabular covariates as a vector.
 
-Numeric columns are standardised with the training mean and standard deviation;
-categorical columns are one-hot encoded over the categories seen in training. A
-covariate that is missing (left out, blank, or a missing-value marker such as NA or NaN)
-takes its default: the training mean for numbers, the most frequent training category
-otherwise.
+Fitted on the rows ``SideSpec.fit`` is given (``medflow train`` gives its training and
+validation subjects): numeric columns are standardised with their mean and standard
+deviation; categorical columns are one-hot encoded over the categories seen. A covariate
+that is missing (left out, blank, or a missing-value marker such as NA or NaN) takes its
+default: the mean for numbers, the most frequent category otherwise.
 """
 
 from __future__ import annotations
