@@ -132,10 +132,9 @@ def synthesize_file(tm: TrainedModel, mri_paths: list[Path], out: Path, opts: Sy
                             "use --device cpu or fewer --samples") from None
     bpv = bits_per_voxel(lp_mri, mri, tm.model.config.n_bins).item()
     z = qc_score(bpv, tm.qc)
-    qc_warnings = [message for message in (
-        head_cut,
-        f"unlike the training MRIs (MRI likelihood {bpv:.3f} bit/voxel, {z:.1f} SD above training)"
-        if z is not None and z > QC_Z_LIMIT else None) if message]
+    qc_warnings = [head_cut] if head_cut else []
+    if z is not None and z > QC_Z_LIMIT:
+        qc_warnings.append(f"unlike the training MRIs (MRI likelihood {bpv:.3f} bit/voxel, {z:.1f} SD above training)")
     for message in qc_warnings:
         if opts.strict_qc:
             raise QCError(f"{mri_paths[0]}: {message}")
