@@ -12,6 +12,7 @@ Two forms (see README, "Data format"):
 from __future__ import annotations
 
 import csv
+import io
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,14 +47,24 @@ def resolve_listed_path(value: str, base: Path, source: Path, allow_outside: boo
 
 def read_csv_rows(csv_path: Path) -> tuple[list[str], list[dict[str, str]]]:
     """The header's column names and the rows of a CSV file, names and values stripped of
-    surrounding spaces; a UTF-8 byte-order mark (Excel's "CSV UTF-8") is ignored."""
+    surrounding spaces; a UTF-8 byte-order mark (Excel's "CSV UTF-8") is ignored. Text in
+    another encoding is refused with the line of its first foreign byte."""
     try:
-        with open(csv_path, newline="", encoding="utf-8-sig") as handle:
-            reader = csv.DictReader(handle)
-            columns = [c.strip() for c in reader.fieldnames or []]
-            rows = [{(k or "").strip(): (v or "").strip() for k, v in row.items() if isinstance(v, str) or v is None}
-                    for row in reader]
-    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        data = Path(csv_path).read_bytes()
+    except OSError as exc:
+        raise InputError(f"{csv_path}: cannot read CSV ({exc.strerror or exc})") from None
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data[:exc.start].count(b"\n") + 1
+        raise InputError(f"{csv_path}: line {line} is not UTF-8 text (byte 0x{data[exc.start]:02x}); save the "
+                         "file as \"CSV UTF-8\"") from None
+    try:
+        reader = csv.DictReader(io.StringIO(text, newline=""))
+        columns = [c.strip() for c in reader.fieldnames or []]
+        rows = [{(k or "").strip(): (v or "").strip() for k, v in row.items() if isinstance(v, str) or v is None}
+                for row in reader]
+    except csv.Error as exc:
         raise InputError(f"{csv_path}: cannot read CSV ({exc})") from None
     return columns, rows
 
