@@ -34,14 +34,18 @@ def fail(exc: MedflowError) -> typer.Exit:
     return typer.Exit(exc.exit_code)
 
 
-def guarded(body):
-    """Run a command body: user errors become one line and their exit code, Ctrl-C exits 130."""
+KEPT_TO_CONTINUE = "what was finished is kept; run the same command again to continue"
+
+
+def guarded(body, interrupted: str = "nothing partial was left behind"):
+    """Run a command body: user errors become one line and their exit code, Ctrl-C exits 130
+    after saying ``interrupted`` (what the command leaves behind)."""
     try:
         return body()
     except MedflowError as exc:
         raise fail(exc) from None
     except KeyboardInterrupt:
-        console.print("[bold red]interrupted[/]: nothing partial was left behind")
+        console.print(f"[bold red]interrupted[/]: {interrupted}", highlight=False)
         raise typer.Exit(130) from None
     except typer.Exit:
         raise
@@ -444,7 +448,7 @@ def demo_data(
                                      metabolic_variation=metabolic_variation, overwrite=overwrite)
         out.print(f"demo data: {csv_path}")
 
-    guarded(body)
+    guarded(body, KEPT_TO_CONTINUE)
 
 
 @app.command()
@@ -478,7 +482,7 @@ def demo(
                   f"{out_dir / 'qc'}\nbaseline: {out_dir / 'baseline'}  model: {out_dir / 'run'}  "
                   f"metrics: {out_dir / 'metrics.json'}", highlight=False)
 
-    guarded(body)
+    guarded(body, KEPT_TO_CONTINUE)
 
 
 @app.command()

@@ -1,7 +1,8 @@
 """``medflow demo``: demo data -> train ``small`` -> synthesize held-out subjects -> evaluate.
 
 Every stage reuses what an earlier run left in the demo folder: data with the same
-parameters, a finished training run (an unfinished one is resumed), existing outputs.
+parameters, a finished training run (an unfinished one is resumed), and the outputs that run
+made (a demo that trains anew synthesizes anew).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import numpy as np
 
 from medflow.baseline import IntensityMapping
 from medflow.device import resolve_device
-from medflow.errors import OutputError
+from medflow.errors import InputError, OutputError
 from medflow.imageio import make_folder, read_mask, read_volume, write_volume
 from medflow.manifest import read_csv_manifest
 from medflow.metrics import compute_metrics
@@ -35,6 +36,11 @@ class DemoOptions:
     seed: int = 0
     overwrite: bool = False  # replace a demo folder made with other parameters or an older data recipe
 
+    def check(self) -> None:
+        """InputError unless the cohort has a test subject and a training subject."""
+        if not 1 <= self.heldout < self.subjects:
+            raise InputError(f"--heldout {self.heldout} must be at least 1 and smaller than --subjects {self.subjects}")
+
 
 RUN_FOLDER = "run"
 OUTPUT_FOLDERS = ("synth", "std", "qc", "baseline")
@@ -47,6 +53,7 @@ def prepare_demo_data(opts: DemoOptions) -> Path:
     trained on it and the outputs made from it are replaced."""
     from medflow.demo_data import dataset_parameters, make_demo_dataset, recorded_parameters
 
+    opts.check()
     out = Path(opts.out)
     recorded = recorded_parameters(out / "data")
     wanted = dataset_parameters(opts.subjects, seed=opts.seed, spacing=DATA_SPACING, heldout=opts.heldout)
@@ -66,6 +73,12 @@ def _zooms(affine: np.ndarray) -> np.ndarray:
     return np.sqrt((affine[:3, :3] ** 2).sum(0))
 
 
+def _mapping_example(subject) -> tuple:
+    """(T1, PET, mask, PET voxel size in mm) of one training subject, for ``IntensityMapping.fit``."""
+    pet = read_volume(subject.pet)
+    return read_volume(subject.mri[0]).data, pet.data, read_mask(subject.mask, like=pet), _zooms(pet.affine)
+
+
 def run_demo(opts: DemoOptions, console, progress_factory) -> dict:
     """Run the whole newcomer path; returns {method: {metric: mean}} for the held-out subjects."""
     from medflow.synthesize import SynthesisOptions, synthesize_file
@@ -80,7 +93,8 @@ def run_demo(opts: DemoOptions, console, progress_factory) -> dict:
     test_rows = [s for s in subjects if s.split == "test"]
 
     run = out / RUN_FOLDER
-    if not (run / "final.pt").exists():
+    trains = not (run / "final.pt").exists()
+    if trains:
         resume = (run / "config.json").exists()
         trainer = Trainer(TrainOptions(data=data_csv, out=run, preset=opts.preset, time_limit=opts.time_limit,
                                        seed=opts.seed, device=opts.device, resume=resume, val_every=100,
@@ -93,9 +107,7 @@ def run_demo(opts: DemoOptions, console, progress_factory) -> dict:
     device = resolve_device(opts.device)
     model = load_trained(run, device)
 
-    mapping = IntensityMapping().fit(
-        (read_volume(s.mri[0]).data, read_volume(s.pet).data, read_mask(s.mask, like=read_volume(s.pet)),
-         _zooms(read_volume(s.pet).affine)) for s in train_rows)
+    mapping = IntensityMapping().fit(_mapping_example(s) for s in train_rows)
     synth_opts = SynthesisOptions(opts.temperature, opts.samples, opts.seed, overwrite=True)
     folders = {name: out / name for name in OUTPUT_FOLDERS}
     for folder in folders.values():
@@ -103,7 +115,7 @@ def run_demo(opts: DemoOptions, console, progress_factory) -> dict:
     scores: dict[str, list[dict]] = {"medflow": [], "intensity mapping": []}
     for s in test_rows:
         target = folders["synth"] / f"{s.subject}.nii.gz"
-        if not target.exists():
+        if trains or not target.exists():
             synthesize_file(model, s.mri, target, synth_opts, device, folders["std"] / f"{s.subject}.nii.gz",
                             folders["qc"] / f"{s.subject}.png")
         ref = read_volume(s.pet)

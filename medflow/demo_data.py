@@ -431,10 +431,19 @@ def _subject_files(out: Path, name: str) -> dict[str, Path]:
 
 
 def _read_params(out: Path) -> dict | None:
-    try:
-        return json.loads((out / PARAMS_FILE).read_text())
-    except (OSError, ValueError):
+    """The record in ``out/demo.json`` ({"parameters": ..., "complete": ...}), None without one;
+    OutputError for a demo.json that is not a demo dataset's record (medflow leaves such a folder alone)."""
+    path = out / PARAMS_FILE
+    if not path.exists():
         return None
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise OutputError(f"{path}: not a medflow demo dataset's record ({exc}); choose another folder") from None
+    if not (isinstance(record, dict) and isinstance(record.get("parameters"), dict)
+            and "recipe" in record["parameters"]):
+        raise OutputError(f"{path}: not a medflow demo dataset's record; choose another folder")
+    return record
 
 
 def dataset_parameters(subjects: int, *, seed: int = 0, spacing: float = 2.0, heldout: int = 0,
@@ -451,7 +460,7 @@ def dataset_parameters(subjects: int, *, seed: int = 0, spacing: float = 2.0, he
 def recorded_parameters(out_dir: Path) -> dict | None:
     """The parameters ``out_dir/demo.json`` records (``dataset_parameters``), None without one."""
     recorded = _read_params(Path(out_dir))
-    return recorded.get("parameters") if isinstance(recorded, dict) else None
+    return None if recorded is None else recorded["parameters"]
 
 
 def _dataset_files(out: Path) -> list[Path]:
@@ -464,7 +473,7 @@ def _dataset_files(out: Path) -> list[Path]:
 
 
 def _remove_previous(out: Path, files: list[Path]) -> None:
-    """Delete the files of a previous demo dataset (only when its demo.json marks it as one)."""
+    """Delete the files of a previous demo dataset (which its demo.json marks as one)."""
     for path in files:
         try:
             path.unlink()

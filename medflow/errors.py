@@ -10,7 +10,8 @@ Exit codes (documented in README.md):
   6  resource problem (volume too large for the device, device unavailable)
   7  quality control refused an input (--strict-qc)
   8  training stopped (repeated non-finite losses)
-  130 interrupted (Ctrl-C / SIGTERM); nothing partial is left behind
+  130 interrupted (Ctrl-C / SIGTERM); no half-written file is left behind (train keeps a
+      checkpoint, demo and demo-data what they finished)
 """
 
 

@@ -41,12 +41,20 @@ def load_preset(name_or_path: str | Path) -> dict:
     """The preset as a dict with sections ``model``, ``data`` and ``train``."""
     path = preset_path(name_or_path)
     try:
-        preset = yaml.safe_load(path.read_text())
+        preset = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ModelError(f"{path}: cannot read preset ({exc.strerror or exc})") from None
+    except UnicodeDecodeError:
+        raise ModelError(f"{path}: not UTF-8 text") from None
     except yaml.YAMLError as exc:
         raise ModelError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
-    if not isinstance(preset, dict) or "model" not in preset:
-        raise ModelError(f"{path}: a preset needs a 'model' section")
+    if not isinstance(preset, dict) or not isinstance(preset.get("model"), dict):
+        raise ModelError(f"{path}: a preset needs a 'model' section of settings")
+    for section in ("data", "train"):
+        if preset.get(section) is None:
+            preset[section] = {}
+        if not isinstance(preset[section], dict):
+            raise ModelError(f"{path}: the '{section}' section must hold settings (name: value), not "
+                             f"{type(preset[section]).__name__}")
     preset.setdefault("name", path.stem)
-    preset.setdefault("data", {})
-    preset.setdefault("train", {})
     return preset

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 from medflow.cli import app
 from medflow.demo import DATA_SPACING, DemoOptions, prepare_demo_data
 from medflow.demo_data import dataset_parameters
-from medflow.errors import OutputError
+from medflow.errors import InputError, OutputError
 
 
 def older_demo(out, subjects=2, heldout=1):
@@ -54,6 +54,33 @@ def test_same_data_keeps_the_run(tmp_path):
     assert (tmp_path / "run" / "final.pt").read_bytes() == b"trained"
 
 
+@pytest.mark.parametrize("subjects, heldout", [(2, 0), (2, 2), (0, 0), (2, 5)])
+def test_a_cohort_without_test_or_training_subjects_is_refused_before_anything_is_removed(tmp_path, subjects,
+                                                                                       heldout):
+    """The demo needs a held-out subject to score and one to train on; the check comes before
+    --overwrite removes anything (before, --heldout 0 trained 8 minutes and then crashed)."""
+    older_demo(tmp_path)
+    before = sorted(tmp_path.rglob("*"))
+    with pytest.raises(InputError, match=f"--heldout {heldout} must be at least 1 and smaller than --subjects"):
+        prepare_demo_data(DemoOptions(tmp_path, subjects=subjects, heldout=heldout, overwrite=True))
+    result = CliRunner().invoke(app, ["demo", "--out", str(tmp_path), "--subjects", str(subjects), "--heldout",
+                                      str(heldout), "--overwrite"])
+    assert result.exit_code == 3 and "Traceback" not in result.output
+    assert sorted(tmp_path.rglob("*")) == before
+
+
+class Stopped:
+    """A Trainer stopped by Ctrl-C after saving a checkpoint."""
+
+    device = "cpu"
+
+    def __init__(self, opts, reporter):
+        pass
+
+    def run(self, progress):
+        return {"step": 3, "stopped_by": "signal"}
+
+
 def test_a_demo_whose_training_is_stopped_stops_there(tmp_path, monkeypatch):
     """Ctrl-C during the demo's training saves a checkpoint and ends the demo (exit 130 from the
     CLI) instead of synthesizing with an unfinished model; running it again resumes."""
@@ -63,16 +90,44 @@ def test_a_demo_whose_training_is_stopped_stops_there(tmp_path, monkeypatch):
 
     from medflow.demo import run_demo
 
-    class Stopped:
-        device = "cpu"
-
-        def __init__(self, opts, reporter):
-            pass
-
-        def run(self, progress):
-            return {"step": 3, "stopped_by": "signal"}
-
     monkeypatch.setattr(medflow.train, "Trainer", Stopped)
     with pytest.raises(KeyboardInterrupt):
         run_demo(DemoOptions(tmp_path, subjects=2, heldout=1), Console(quiet=True), lambda: Progress(disable=True))
     assert (tmp_path / "data" / "manifest.csv").exists() and not (tmp_path / "synth").exists()
+    result = CliRunner().invoke(app, ["demo", "--out", str(tmp_path), "--subjects", "2", "--heldout", "1"])
+    assert result.exit_code == 130 and "run the same command again to continue" in result.output
+    assert "nothing partial" not in result.output
+
+
+def test_a_demo_that_trains_anew_synthesizes_anew(tmp_path, monkeypatch):
+    """Outputs an earlier model made are not scored as the new model's: after the run is removed
+    and trained again, every held-out subject is synthesized again."""
+    import medflow.synthesize
+    import medflow.train
+    import medflow.trained
+    from rich.console import Console
+    from rich.progress import Progress
+
+    from medflow.demo import run_demo
+    from medflow.imageio import read_volume, write_volume
+
+    class Finished(Stopped):
+        def run(self, progress):
+            return {"step": 3, "stopped_by": "done"}
+
+    synthesized = []
+
+    def synthesize_file(model, mri, target, *args, **kwargs):
+        synthesized.append(target.name)
+        t1 = read_volume(mri[0])
+        write_volume(target, t1.data, t1.affine, overwrite=True)
+
+    monkeypatch.setattr(medflow.train, "Trainer", Finished)
+    monkeypatch.setattr(medflow.trained, "load_trained", lambda run, device: "model")
+    monkeypatch.setattr(medflow.synthesize, "synthesize_file", synthesize_file)
+    opts = DemoOptions(tmp_path, subjects=2, heldout=1)
+    prepare_demo_data(opts)
+    (tmp_path / "synth").mkdir()
+    (tmp_path / "synth" / "sub-002.nii.gz").write_bytes(b"an older model's")
+    run_demo(opts, Console(quiet=True), lambda: Progress(disable=True))
+    assert synthesized == ["sub-002.nii.gz"]

@@ -233,3 +233,17 @@ def test_cli_refuses_too_strong_a_metabolic_variation(tmp_path):
                                       "--metabolic-variation", "6"])
     assert result.exit_code == 3 and "--metabolic-variation 6 must be at most 5" in result.output  # InputError
     assert "Traceback" not in result.output and not (tmp_path / "data").exists()
+
+
+@pytest.mark.parametrize("record", ['[]', '{"note": "my own settings"}', '{"parameters": {"seed": 1}', 'x'])
+def test_a_demo_json_that_is_not_a_demo_record_leaves_the_folder_alone(tmp_path, record):
+    """Only a demo.json medflow wrote marks a folder as a demo dataset whose files --overwrite
+    may remove: any other file of that name is refused, even with --overwrite."""
+    (tmp_path / "demo.json").write_text(record)
+    (tmp_path / "manifest.csv").write_text("mine\n")
+    (tmp_path / "sub-001_t1.nii.gz").write_bytes(b"mine")
+    for overwrite in (False, True):
+        with pytest.raises(OutputError, match="demo.json: not a medflow demo dataset's record"):
+            make_demo_dataset(tmp_path, 2, seed=1, spacing=SPACING, overwrite=overwrite)
+    assert (tmp_path / "manifest.csv").read_text() == "mine\n"
+    assert (tmp_path / "sub-001_t1.nii.gz").read_bytes() == b"mine"

@@ -346,6 +346,27 @@ def test_condition_is_used():
     assert real < noise - 0.1, (real, noise)
 
 
+@pytest.mark.parametrize("text, problem", [
+    (b"model:\n  hidden: 8\ndescription: K\xf6ln\n", "not UTF-8 text"),
+    (b"model: [1, 2]\n", "a preset needs a 'model' section of settings"),
+    (b"model:\n  hidden: 8\ntrain: 3\n", "the 'train' section must hold settings"),
+])
+def test_a_preset_file_that_is_not_a_preset_is_a_model_error(tmp_path, text, problem):
+    """A user's YAML preset is checked where it is read (ModelError, exit 5), not where a
+    section is first used (AttributeError or TypeError: "internal error")."""
+    from medflow.errors import ModelError
+
+    (tmp_path / "mine.yaml").write_bytes(text)
+    with pytest.raises(ModelError, match=re.escape(f"mine.yaml: {problem}")):
+        load_preset(tmp_path / "mine.yaml")
+
+
+def test_empty_data_and_train_sections_of_a_preset_mean_defaults(tmp_path):
+    (tmp_path / "mine.yaml").write_text("model:\n  hidden: 8\ndata:\ntrain:\n")
+    preset = load_preset(tmp_path / "mine.yaml")
+    assert preset["data"] == {} and preset["train"] == {} and preset["name"] == "mine"
+
+
 @pytest.mark.parametrize("name", available_presets())
 def test_presets_load_and_build(name):
     preset = load_preset(name)
