@@ -44,6 +44,7 @@ from medflow.calibration import (
     prediction_z,
     with_level_spread,
 )
+from medflow.imageio import write_bytes_atomic
 from medflow.measure import MIB, Case, usable_cores, volume_text
 
 QUALITY_STEPS = 300  # medflow training steps in the quality section
@@ -245,8 +246,9 @@ def train_unet(trainer, progress: Progress, budget_s: float | None = None, steps
     (``unet_with_medflow_layers``), so that the same network trains at the same speed in both models.
 
     A time becomes a number of steps once the ``UNET_TIMED_STEPS`` after the first
-    ``UNET_WARMUP_STEPS`` are timed; the learning rate decays by cosine to 10 % over the steps,
-    as medflow's does over its own, so the result depends on the clock only through that number.
+    ``UNET_WARMUP_STEPS`` are timed (so at least their sum, whatever the budget); until then the
+    learning rate stays at its peak, and it then decays by cosine to 10 % at the last step, as
+    medflow's does over its own, so the result depends on the clock only through that number.
     """
     if (budget_s is None) == (steps is None):
         raise ValueError("train_unet needs exactly one of a time budget and a number of steps")
@@ -273,6 +275,8 @@ def train_unet(trainer, progress: Progress, budget_s: float | None = None, steps
             now = time.monotonic()
             total = step + max(0, int((budget_s - (now - start)) / ((now - timed_from) / UNET_TIMED_STEPS)))
             progress.update(task, total=total)
+            if step == total:
+                break
         mri, pet, _ = trainer.train_batch(step)
         loss = torch.nn.functional.l1_loss(net(mri), pet)
         optimizer.zero_grad(set_to_none=True)
@@ -499,7 +503,7 @@ def speed_rows(configs: list[SpeedConfig], results: list[list[dict]]) -> list[li
         for name, r in zip(SPEED_NAMES, triple):
             head = [config.preset, volume_text(config.shape), steps_text(config), name]
             if "error" in r:
-                rows.append(head + ["failed: " + r["error"]] + [""] * (len(SPEED_HEADERS) - len(head) - 1))
+                rows.append(failed_row(head, r["error"], SPEED_HEADERS))
                 continue
             rows.append(head + [f"{r['params'] / 1e6:.1f} M", f"{r['median_s']:.2f}", cpu_use_text(r),
                                 f"{r['above_baseline_mib']:.0f}", f"{r['baseline_mib']:.0f}",
@@ -533,6 +537,10 @@ conditioning of the PET couplings and the affine injector on the PET input
   plain `torch.nn.Conv3d`, as a FrEIA user writes them. The priors and the injector are
   medflow's modules in both, so they use medflow's convolution in both. On a GPU, and for
   batches above 1, the two convolutions are the same code.
+- Memory layout. On a CPU medflow stores its 5-D weights channels-last (`device.place_model`);
+  the peer keeps PyTorch's default, contiguous layout, as a FrEIA user's model has it (with
+  channels-last weights PyTorch copies the peer's top-level weights at every call). On a GPU both
+  keep the default layout.
 
 - Flow step. medflow: ActNorm -> invertible 1x1x1 convolution with a learned LU-parametrised
   matrix (applied factor by factor where a batch has fewer voxels than channels) -> affine
@@ -605,7 +613,7 @@ def synthesis_rows(cases: list[Case], results: list[dict]) -> list[list[str]]:
     for case, r in zip(cases, results):
         head = [case.device, case.preset, volume_text(case.shape), str(case.samples)]
         if "error" in r:
-            rows.append(head + ["failed: " + r["error"], "", ""])
+            rows.append(failed_row(head, r["error"], SYNTH_HEADERS))
         else:
             rows.append(head + [f"{r['median_s']:.2f}", cpu_use_text(r), f"{r['above_baseline_mib']:.0f}"])
     return rows
@@ -801,7 +809,7 @@ is the PSNR expected over the subject's level, as in its third.
 {md_table(SEED_HEADERS, seed_rows(results))}
 
 The same seeds against the U-Net trained for medflow's number of steps instead of its time (the
-same batches and learning-rate schedule): which model learns more per update, apart from the
+same batches; its learning rate decays from the first step): which model learns more per update, apart from the
 cost of an update.
 
 {md_table(SEED_HEADERS, seed_rows(results, UNET_SAME_STEPS))}
@@ -822,9 +830,11 @@ def calibration_text(cal: dict | None) -> str:
                 f"T = {DEFAULT_TEMPERATURE:g}, the default.")
     return f"""The calibrated temperature T = {cal['temperature']:g} is the one `medflow train` found on its
 {cal['subjects']} validation subject(s) and recorded in the run's config.json (`medflow.calibration`:
-bisection on T until the truth, in the model's global-mean-normalised units, lies within
-mean ± {cal['z']} std of {cal['samples']} samples as often as for a perfectly calibrated model,
-{100 * cal['target']:.1f} % of voxels; reached {100 * cal['coverage']:.1f} %); `medflow synthesize` samples at it
+bisection on T until the truth, in the model's global-mean-normalised units on the model grid,
+lies within mean ± {cal['z']} std of {cal['samples']} samples as often as for a perfectly calibrated
+model, in {100 * cal['target']:.1f} % of the voxels of the PET's global-mean region (SPM's voxels above
+1/8 of the mean uptake; the table scores the brain mask on the native grid);
+reached {100 * cal['coverage']:.1f} %); `medflow synthesize` samples at it
 unless `--temperature` is given. The test subjects play no part in choosing it."""
 
 
@@ -848,8 +858,8 @@ L1 loss from scaled MRI to scaled PET; AdamW, lr 1e-3) each trained for
 and batch size; seed {result['seed']}): {result['flow_steps']} medflow steps (`--quality-steps`; the time is what they took
 with the validations and checkpoints on the way, not the final validation and the temperature calibration), then
 {result['unet_steps']} U-Net steps (that time over the U-Net's own step time,
-measured over its steps {UNET_WARMUP_STEPS} to {UNET_WARMUP_STEPS + UNET_TIMED_STEPS - 1}). Both learning rates decay by cosine to 10 % over
-their steps, so a re-run on the same machine repeats medflow's training exactly and the
+measured over its steps {UNET_WARMUP_STEPS} to {UNET_WARMUP_STEPS + UNET_TIMED_STEPS - 1}). Both learning rates decay by cosine to 10 % at
+their last steps (the U-Net's from the end of that timing, at its peak until then), so a re-run on the same machine repeats medflow's training exactly and the
 U-Net's up to its number of steps. The row "{UNET_SAME_STEPS}" is the same U-Net trained for
 {result['flow_steps']} steps instead (the first {result['flow_steps']} batches): what each model learns per update. medflow is
 scored with the weights `medflow synthesize` loads, those of the validation with the lowest PET bits per voxel
@@ -907,20 +917,43 @@ that run (re-run {rerun} to refresh). {units}
 """
 
 
+DEFAULT_SECTIONS = {"cpu": ("speed", "synthesis", "quality"), "cuda": ("speed", "synthesis", "tuning", "batch")}
 PART_MARK = "<!-- medflow bench: {} -->"
 PART_PATTERN = re.compile(r"^<!-- medflow bench: (\w+) -->\n", re.M)
 
 
+def report_part(device: str, quick: bool, seeds: int, sections: list[str]) -> str:
+    """The part of the report a run writes: its device (``cpu``, ``cuda``), then ``_quick`` for
+    ``--quick``, ``_seeds`` for ``--quality-seeds`` above 1, and the names of its sections where they
+    are not the device's default ones, so that such runs do not replace a standard run's numbers."""
+    part = device + ("_quick" if quick else "") + ("_seeds" if seeds > 1 else "")
+    if seeds == 1 and set(sections) != set(DEFAULT_SECTIONS[device]) - ({"quality"} if quick else set()):
+        part += "_" + "_".join(sections)
+    return part
+
+
 def write_report(path: Path, part: str, text: str) -> None:
-    """Write ``text`` as the ``part`` (``cpu`` or ``cuda``: the device the run measured; ``cpu_seeds``
-    or ``cuda_seeds`` for a run with ``--quality-seeds`` above 1) of the report at ``path``, keeping the
-    other parts: a GPU run does not erase the CPU numbers, nor the reverse."""
-    parts = {}
+    """Write ``text`` as the ``part`` (``report_part``) of the report at ``path``, keeping the other
+    parts (a GPU run does not erase the CPU numbers, nor the reverse) and any text before the first."""
+    preamble, parts = "", {}
     if path.exists():
         pieces = PART_PATTERN.split(path.read_text())
-        parts = dict(zip(pieces[1::2], pieces[2::2]))
+        preamble, parts = pieces[0].strip("\n"), dict(zip(pieces[1::2], pieces[2::2]))
     parts[part] = text
-    path.write_text("\n\n".join(PART_MARK.format(key) + "\n" + parts[key].strip("\n") for key in sorted(parts)) + "\n")
+    body = "\n\n".join(PART_MARK.format(key) + "\n" + parts[key].strip("\n") for key in sorted(parts))
+    write_bytes_atomic(path, ((preamble + "\n\n" if preamble else "") + body + "\n").encode(), overwrite=True)
+
+
+def check_report_path(path: Path) -> str | None:
+    """Why ``path`` cannot take a report (None when it can): a folder, a missing folder, or a file
+    without the part markers ``write_report`` keeps its parts by, which it would not write over."""
+    if path.is_dir():
+        return f"--out {path} is a folder; give a file name"
+    if not path.parent.is_dir():
+        return f"--out {path}: no folder {path.parent}"
+    if path.exists() and not PART_PATTERN.search(path.read_text(errors="replace")):
+        return f"--out {path} exists and is not a medflow bench report; give another file name"
+    return None
 
 
 # ----- main -------------------------------------------------------------------------------------
@@ -931,8 +964,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--sections", default=None,
                         help="comma-separated sections, run in the order given, each written to the report "
                              "as it ends: speed, synthesis, tuning (bf16 and torch.compile), batch (the "
-                             "largest training batch), quality. Default: speed,synthesis,quality on CPU, "
-                             "speed,synthesis,tuning,batch on a GPU")
+                             "largest training batch), quality. Default: "
+                             f"{','.join(DEFAULT_SECTIONS['cpu'])} on CPU, {','.join(DEFAULT_SECTIONS['cuda'])} "
+                             "on a GPU")
     parser.add_argument("--quality-steps", type=int, default=QUALITY_STEPS,
                         help="medflow training steps in the quality section; the U-Net trains for the "
                              f"seconds they took and for as many steps (default {QUALITY_STEPS}; BENCHMARKS.md gives the time)")
@@ -945,16 +979,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="repeat the quality section with seeds 0 .. N-1 and add tables over seeds "
                              "(BENCHMARKS.md gives the time such a run took)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
-                        help="device of every section; the report keeps one part per device (cpu, cuda)")
+                        help="device of every section; the report keeps one part per device (cpu, cuda), and "
+                             "one beside it for a --quick run, a run over seeds and a run of other sections")
     args = parser.parse_args(argv)
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda, but torch sees no CUDA GPU here")
     if args.sections is None:
-        args.sections = "speed,synthesis,tuning,batch" if args.device == "cuda" else "speed,synthesis,quality"
+        args.sections = ",".join(DEFAULT_SECTIONS[args.device])
     args.sections = [s.strip() for s in args.sections.split(",") if s.strip()]
     unknown = set(args.sections) - {"speed", "synthesis", "tuning", "batch", "quality"}
     if unknown:
         parser.error(f"unknown section(s): {', '.join(sorted(unknown))}")
+    problem = check_report_path(args.out)
+    if problem:
+        parser.error(problem)
     if args.quality_seeds < 1:
         parser.error("--quality-seeds must be at least 1")
     if args.quality_steps < 1:
@@ -963,6 +1003,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error("--quality-test-subjects must be at least 1")
     if args.quick and "quality" in args.sections:
         args.sections.remove("quality")
+    if not args.sections:
+        parser.error("no section to run" + (" (--quick leaves out quality)" if args.quick else ""))
     if args.quality_seeds > 1 and "quality" not in args.sections:
         parser.error("--quality-seeds above 1 needs the quality section (and no --quick)")
     return args
@@ -1028,9 +1070,10 @@ def main(argv: list[str] | None = None) -> None:
     command = shlex.join(["python", "-m", "medflow.bench", *(sys.argv[1:] if argv is None else argv)])
     machine = machine_info()
     title = f"medflow benchmarks on {machine['gpu']}" if device == "cuda" else "medflow benchmarks on CPU"
-    part, rerun = device, "`make bench`"
-    if args.quality_seeds > 1:  # kept beside the device's standard run, not over it
-        title, part, rerun = f"{title}: quality over {args.quality_seeds} seeds", f"{device}_seeds", "that command"
+    part = report_part(device, args.quick, args.quality_seeds, args.sections)
+    rerun = "`make bench`" if part == device else "that command"
+    if args.quality_seeds > 1:
+        title = f"{title}: quality over {args.quality_seeds} seeds"
     parts = [header_markdown(command, machine, versions(), started, title=title, rerun=rerun)]
     timeout = 180.0 if args.quick else 300.0 if device == "cuda" else 900.0
     sections = {"speed": lambda: speed_section(args.quick, device, timeout),

@@ -114,14 +114,16 @@ class Case:
 
 
 def build_model(case: Case, device: torch.device) -> torch.nn.Module:
-    """The medflow model or its FrEIA peer for ``case``, untrained, on ``device`` (both in the layout
-    ``place_model`` gives them)."""
-    from medflow.device import place_model
-
+    """The medflow model or its FrEIA peer for ``case``, untrained, on ``device``: medflow's in the
+    layout ``place_model`` gives it (channels-last weights on a CPU), the peer's in PyTorch's default
+    layout, as a FrEIA user's model has it (with channels-last weights, PyTorch copies the peer's
+    top-level convolution weights to the contiguous layout at every call)."""
     if case.impl == "peer":
         from medflow.peer_flow import PeerDualGlow
 
-        return place_model(PeerDualGlow.from_preset(case.preset, tuple(case.shape), **case.overrides), device)
+        return PeerDualGlow.from_preset(case.preset, tuple(case.shape), **case.overrides).to(device)
+    from medflow.device import place_model
+
     from medflow.model import DualGlow
 
     model = DualGlow.from_preset(case.preset, **case.overrides)
@@ -225,12 +227,14 @@ def largest_batch(fits, cap: int) -> int:
     return good
 
 
-def step_fits(model, optimizer, shape, device: torch.device, failures: list[str], batch: int) -> bool:
-    """One training step on ``batch`` random volumes runs. A failure (out of memory, or a kernel
-    refusing a tensor that large) is appended to ``failures`` as 'batch N: reason'."""
+def step_fits(model, optimizer, shape, device: torch.device, failures: list[str], steps: int, batch: int) -> bool:
+    """``steps`` consecutive training steps on ``batch`` random volumes run (as many as a timed
+    measurement takes: a batch whose first step fits may not fit its second). A failure (out of
+    memory, or a kernel refusing a tensor that large) is appended to ``failures`` as 'batch N: reason'."""
     mri, pet = example_pair(shape, device, batch)
     try:
-        train_step(model, optimizer, pet, mri)
+        for _ in range(steps):
+            train_step(model, optimizer, pet, mri)
         return True
     except RuntimeError as error:
         reason = "out of memory" if isinstance(error, torch.OutOfMemoryError) else str(error).splitlines()[0][:120]
@@ -244,13 +248,14 @@ def step_fits(model, optimizer, shape, device: torch.device, failures: list[str]
 
 
 def measure_largest_batch(case: Case) -> dict:
-    """The largest training batch up to ``case.batch`` that fits (``largest_batch``, all tries in
-    this one process) and the first failure above it ("limit")."""
+    """The largest training batch up to ``case.batch`` whose ``case.warmup + case.timed`` steps fit
+    (``largest_batch``, all tries in this one process) and the first failure above it ("limit")."""
     device = torch.device(case.device)
     model, _ = initialised_model(case, device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     failures: list[str] = []
-    batch = largest_batch(partial(step_fits, model, optimizer, case.shape, device, failures), case.batch)
+    batch = largest_batch(partial(step_fits, model, optimizer, case.shape, device, failures,
+                                  case.warmup + case.timed), case.batch)
     if batch == 0:
         return {"error": failures[0]}
     return {"max_batch": batch, "limit": failures[-1] if failures else f"the search's cap {case.batch}"}

@@ -157,9 +157,6 @@ class PeerDualGlow(nn.Module):
         values = {**load_preset(name_or_path)["model"], **overrides}
         return cls(DualGlowConfig.from_dict(values), spatial)
 
-    def num_parameters(self) -> int:
-        return sum(p.numel() for p in self.parameters() if p.requires_grad)
-
     def log_prob(self, pet: torch.Tensor, mri: torch.Tensor) -> dict[str, torch.Tensor]:
         """``pet`` = log p(pet|mri), ``mri`` = log p(mri) in nats [B], and both in bits per voxel."""
         lp_mri, enc = self.mri_flow.log_prob(mri)

@@ -51,9 +51,20 @@ def test_peer_shares_the_injector_and_has_medflow_parameters_but_the_channel_mix
     assert sum(p.numel() for p in peer.injector.parameters()) == sum(p.numel() for p in ours.injector.parameters())
     assert peer.uptake_map.maps.shape == ours.side_scale.maps.shape == (1, 1, 8, 8, 8)
     mix = sum(p.numel() for n, p in ours.named_parameters() if ".invconv." in n)
-    assert 0 < ours.num_parameters() - peer.num_parameters() <= mix
+    assert 0 < measure.trainable_parameters(ours) - measure.trainable_parameters(peer) <= mix
     with pytest.raises(ValueError, match="condition encoder"):
         PeerDualGlow.from_preset("tiny", SHAPE, condition_width=4)
+
+
+def test_the_peer_keeps_pytorchs_default_layout_and_medflow_goes_channels_last_on_a_cpu():
+    """A FrEIA user's model has contiguous weights; channels-last ones would make PyTorch copy the
+    peer's top-level convolution weights at every call (medflow's Conv3d reads them in place)."""
+    cpu = torch.device("cpu")
+    peer = measure.build_model(measure.Case("train", "tiny", SHAPE, impl="peer"), cpu)
+    ours = measure.build_model(measure.Case("train", "tiny", SHAPE), cpu)
+    assert all(m.weight.is_contiguous() for m in peer.modules() if isinstance(m, torch.nn.Conv3d))
+    assert all(m.weight.is_contiguous(memory_format=torch.channels_last_3d) for m in ours.modules()
+               if isinstance(m, torch.nn.Conv3d) and m.weight.shape[2:] != (1, 1, 1))
 
 
 def test_worker_process_prints_a_measurement():
@@ -111,6 +122,7 @@ def test_quality_markdown_and_level_matching():
     assert "| U-Net | 19.25 ± 0.35 | 20.00 ± 0.00 |" in text and "over the 24 training and validation" in text
     assert f"| {bench.CALIBRATION_TRUTHS[0]} | 0.5 | mean ± 1.645 std | 82.5 | 85.0 ± 7.1 |" in text
     assert "The calibrated temperature T = 1.25" in text and "reached 85.5 %" in text
+    assert "voxels of the PET's global-mean region" in text
     assert "no validation subjects" in bench.calibration_text(None)
     truth = np.zeros((8, 8, 8))
     truth[2:6, 2:6, 2:6] = 3.0
@@ -217,11 +229,15 @@ def test_quality_section_trains_on_the_same_subjects_and_tests_on_the_rest(monke
     assert bench.QUALITY_TRAIN_SUBJECTS == 24
 
 
-def test_arguments_and_budget():
+def test_arguments_and_budget(monkeypatch):
     args = bench.parse_args(["--quick"])
     assert args.sections == ["speed", "synthesis"]
     assert bench.parse_args(["--sections", "tuning"]).sections == ["tuning"]
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--device", "cuda"])  # this machine has no GPU (the tests never need one)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert bench.parse_args(["--device", "cuda"]).sections == ["speed", "synthesis", "tuning", "batch"]
+    monkeypatch.undo()
     assert bench.parse_args(["--sections", "batch,speed"]).sections == ["batch", "speed"]
     assert bench.parse_args(["--device", "cpu"]).sections == ["speed", "synthesis", "quality"]
     with pytest.raises(SystemExit):
@@ -231,9 +247,37 @@ def test_arguments_and_budget():
     assert bench.parse_args([]).quality_test_subjects == bench.QUALITY_TEST_SUBJECTS
     assert bench.parse_args(["--quality-test-subjects", "8"]).quality_test_subjects == 8
     for wrong in (["--quality-steps", "0"], ["--quality-seeds", "0"], ["--quality-seeds", "3", "--sections", "speed"],
-                  ["--quality-test-subjects", "0"]):
+                  ["--quality-test-subjects", "0"], ["--quick", "--sections", "quality"], ["--sections", ","]):
         with pytest.raises(SystemExit):
             bench.parse_args(wrong)
+
+
+@pytest.mark.parametrize("out, problem", [("missing/B.md", "no folder"), (".", "is a folder"),
+                                          ("notes.md", "is not a medflow bench report")])
+def test_a_report_path_that_cannot_take_the_report_is_refused_before_anything_runs(tmp_path, capsys, out, problem):
+    """Before, a missing folder failed after the first section had run, and a file of one's own
+    was replaced by the report."""
+    (tmp_path / "notes.md").write_text("# my notes\n")
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--sections", "speed", "--out", str(tmp_path / out)])
+    assert problem in capsys.readouterr().err
+    assert (tmp_path / "notes.md").read_text() == "# my notes\n"
+
+
+@pytest.mark.parametrize("device, argv, part", [
+    ("cpu", [], "cpu"), ("cpu", ["--sections", "quality,speed,synthesis"], "cpu"),
+    ("cpu", ["--quick"], "cpu_quick"), ("cpu", ["--sections", "speed"], "cpu_speed"),
+    ("cpu", ["--quick", "--sections", "tuning,batch"], "cpu_quick_tuning_batch"),
+    ("cpu", ["--sections", "quality", "--quality-seeds", "3"], "cpu_seeds"),
+    ("cuda", [], "cuda"), ("cuda", ["--sections", "speed,tuning,synthesis,batch"], "cuda"),
+    ("cuda", ["--sections", "batch"], "cuda_batch"),
+])
+def test_only_a_standard_run_writes_the_device_part(monkeypatch, device, argv, part):
+    """``make bench BENCH_ARGS=--quick`` or a run of one section lands beside the standard run's
+    numbers, not over them (before, it replaced the whole cpu part, quality section included)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: device == "cuda")
+    args = bench.parse_args(["--device", device, *argv])
+    assert bench.report_part(args.device, args.quick, args.quality_seeds, args.sections) == part
 
 
 class _TickingClock:
@@ -272,6 +316,14 @@ def test_unet_turns_the_time_into_steps_after_timing_its_own(monkeypatch):
     assert steps == timed + 40 and bench.time.now == 3.0
     assert rates[:timed + 1] == [1e-3] * (timed + 1)
     assert rates[-1] == pytest.approx(1e-4) and rates == sorted(rates, reverse=True)
+
+
+def test_a_budget_shorter_than_the_unet_timing_gives_just_the_timed_steps(monkeypatch):
+    """2 s gone when timing ends, 1 s budget: no step after the timed ones (before, one more ran)."""
+    monkeypatch.setattr(bench, "time", _TickingClock())
+    with bench.training_progress() as progress:
+        net, steps = bench.train_unet(_FakeTrainer(), progress, budget_s=1.0)
+    assert steps == bench.UNET_WARMUP_STEPS + bench.UNET_TIMED_STEPS
 
 
 def test_unet_trains_for_a_number_of_steps_with_the_same_schedule(monkeypatch):
@@ -326,6 +378,13 @@ def test_report_keeps_one_part_per_device(tmp_path):
     text = report.read_text()
     assert text.index("# on the CPU, again") < text.index("# quality over seeds") < text.index("second run")
     assert text.count("<!-- medflow bench:") == 3
+
+
+def test_report_keeps_the_text_before_its_first_part(tmp_path):
+    report = tmp_path / "BENCHMARKS.md"
+    report.write_text("# Benchmarks\n\nRead this first.\n\n<!-- medflow bench: cpu -->\n# old\n")
+    bench.write_report(report, "cpu", "# new\n")
+    assert report.read_text() == "# Benchmarks\n\nRead this first.\n\n<!-- medflow bench: cpu -->\n# new\n"
 
 
 def test_a_run_over_seeds_writes_its_own_part(tmp_path, monkeypatch):

@@ -41,6 +41,25 @@ def test_largest_batch_finds_the_boundary_in_few_tries(limit):
     assert measure.largest_batch(lambda b: False, cap=256) == 0
 
 
+def test_a_batch_fits_only_if_as_many_steps_as_a_timed_run_takes_fit(monkeypatch):
+    """A batch whose first step fits and second does not (memory that grows after the first step,
+    simulated above batch 3) is not the largest batch: the timed run in a fresh process would fail."""
+    real_step = measure.train_step
+    steps_at = {}
+
+    def step(model, optimizer, pet, mri):
+        batch = pet.shape[0]
+        steps_at[batch] = steps_at.get(batch, 0) + 1
+        if batch > 3 and steps_at[batch] > 1:
+            raise torch.OutOfMemoryError("simulated")
+        real_step(model, optimizer, pet, mri)
+
+    monkeypatch.setattr(measure, "train_step", step)
+    case = measure.Case("max_batch", "tiny", SHAPE, batch=8, timed=2)
+    assert measure.measure_largest_batch(case) == {"max_batch": 3, "limit": "batch 4: out of memory"}
+    assert steps_at[3] == case.warmup + case.timed
+
+
 def test_batch_search_stops_at_out_of_memory(monkeypatch):
     """A step that runs out of memory above batch 3 (simulated) ends the search at 3 and names why."""
     real_step = measure.train_step
@@ -54,7 +73,8 @@ def test_batch_search_stops_at_out_of_memory(monkeypatch):
     case = measure.Case("max_batch", "tiny", SHAPE, batch=16)
     model, _ = measure.initialised_model(case, torch.device("cpu"))
     failures = []
-    fits = partial(measure.step_fits, model, torch.optim.AdamW(model.parameters()), SHAPE, torch.device("cpu"), failures)
+    fits = partial(measure.step_fits, model, torch.optim.AdamW(model.parameters()), SHAPE, torch.device("cpu"),
+                   failures, 1)
     assert measure.largest_batch(fits, cap=16) == 3
     assert failures[-1] == "batch 4: out of memory"
     assert measure.measure_largest_batch(measure.Case("max_batch", "tiny", SHAPE, batch=2)) == {
