@@ -164,9 +164,18 @@ def train_case(config: SpeedConfig, device: str, **options) -> Case:
 
 
 def speed_cases(config: SpeedConfig, device: str) -> list[Case]:
-    """medflow with plain autograd, medflow with the memory-saving backward, the FrEIA peer."""
-    return [train_case(config, device), train_case(config, device, recompute=True),
-            train_case(config, device, impl="peer")]
+    """medflow with plain autograd, medflow with the memory-saving backward, the FrEIA peer in
+    PyTorch's default layout and, on a CPU, in medflow's channels-last one (``speed_names``)."""
+    peers = [train_case(config, device, impl="peer")]
+    if device == "cpu":
+        peers.append(train_case(config, device, impl="peer", channels_last=True))
+    return [train_case(config, device), train_case(config, device, recompute=True), *peers]
+
+
+def speed_names(device: str) -> list[str]:
+    """Row names of ``speed_cases``, in their order."""
+    names = ["medflow, plain autograd", "medflow, memory-saving backward", "FrEIA peer, plain autograd"]
+    return names + (["FrEIA peer, channels-last weights"] if device == "cpu" else [])
 
 
 def speed_rounds(device: str) -> int:
@@ -489,18 +498,18 @@ def steps_text(config: SpeedConfig) -> str:
     return f"{model['steps']}, width {model['hidden']}"
 
 
-SPEED_NAMES = ("medflow, plain autograd", "medflow, memory-saving backward", "FrEIA peer, plain autograd")
 SPEED_HEADERS = ["preset", "volume (voxels)", "steps per level, width", "implementation", "trainable params",
                  "step time (s)", "CPU use", "peak memory above baseline (MiB)", "baseline (MiB)",
                  "grads + AdamW moments (MiB)"]
 RATIO_HEADERS = ["preset", "volume", "time: memory-saving / plain", "memory: memory-saving / plain",
-                 "time: medflow plain / peer", "memory: medflow plain / peer", "memory: medflow memory-saving / peer"]
+                 "peer (its faster layout)", "time: medflow plain / peer", "memory: medflow plain / peer",
+                 "memory: medflow memory-saving / peer"]
 
 
-def speed_rows(configs: list[SpeedConfig], results: list[list[dict]]) -> list[list[str]]:
+def speed_rows(configs: list[SpeedConfig], results: list[list[dict]], device: str) -> list[list[str]]:
     rows = []
-    for config, triple in zip(configs, results):
-        for name, r in zip(SPEED_NAMES, triple):
+    for config, runs in zip(configs, results):
+        for name, r in zip(speed_names(device), runs):
             head = [config.preset, volume_text(config.shape), steps_text(config), name]
             if "error" in r:
                 rows.append(failed_row(head, r["error"], SPEED_HEADERS))
@@ -511,11 +520,20 @@ def speed_rows(configs: list[SpeedConfig], results: list[list[dict]]) -> list[li
     return rows
 
 
-def ratio_rows(configs: list[SpeedConfig], results: list[list[dict]]) -> list[list[str]]:
+def faster_peer(names: list[str], peers: list[dict]) -> tuple[str, dict]:
+    """The name and result of the peer run with the shorter step time (the first when all failed)."""
+    ran = [(r["median_s"], index) for index, r in enumerate(peers) if "error" not in r]
+    index = min(ran)[1] if ran else 0
+    return names[index], peers[index]
+
+
+def ratio_rows(configs: list[SpeedConfig], results: list[list[dict]], device: str) -> list[list[str]]:
     rows = []
-    for config, (plain, saving, peer) in zip(configs, results):
+    for config, (plain, saving, *peers) in zip(configs, results):
+        name, peer = faster_peer(speed_names(device)[2:], peers)
         rows.append([config.preset, volume_text(config.shape),
                      ratio_text(saving, plain, "median_s"), ratio_text(saving, plain, "above_baseline_mib"),
+                     name.removeprefix("FrEIA peer, "),
                      ratio_text(plain, peer, "median_s"), ratio_text(plain, peer, "above_baseline_mib"),
                      ratio_text(saving, peer, "above_baseline_mib")])
     return rows
@@ -537,10 +555,10 @@ conditioning of the PET couplings and the affine injector on the PET input
   plain `torch.nn.Conv3d`, as a FrEIA user writes them. The priors and the injector are
   medflow's modules in both, so they use medflow's convolution in both. On a GPU, and for
   batches above 1, the two convolutions are the same code.
-- Memory layout. On a CPU medflow stores its 5-D weights channels-last (`device.place_model`);
-  the peer keeps PyTorch's default, contiguous layout, as a FrEIA user's model has it (with
-  channels-last weights PyTorch copies the peer's top-level weights at every call). On a GPU both
-  keep the default layout.
+- Memory layout. On a CPU medflow stores its 5-D weights channels-last (`device.place_model`).
+  The peer runs twice: in PyTorch's default, contiguous layout, as a FrEIA user's model has it,
+  and in medflow's channels-last one (where PyTorch copies its top-level weights to the
+  contiguous layout at every call); the ratios take the faster. On a GPU both keep the default.
 
 - Flow step. medflow: ActNorm -> invertible 1x1x1 convolution with a learned LU-parametrised
   matrix (applied factor by factor where a batch has fewer voxels than channels) -> affine
@@ -594,11 +612,12 @@ The peak above baseline covers gradients, AdamW moments (last column: 12 bytes p
 and activations. 1-minute load average when the section started: {load}.
 
 {volume_note(configs)}
-{md_table(SPEED_HEADERS, speed_rows(configs, results))}
+{md_table(SPEED_HEADERS, speed_rows(configs, results, device))}
 
-Ratios (below 1: the first is faster or smaller):
+Ratios (below 1: the first is faster or smaller), against the peer in whichever layout made its
+step faster{" (PyTorch's default or medflow's channels-last, both timed on a CPU)" if device == "cpu" else ""}:
 
-{md_table(RATIO_HEADERS, ratio_rows(configs, results))}
+{md_table(RATIO_HEADERS, ratio_rows(configs, results, device))}
 
 {PEER_DIFFERENCES}
 """
@@ -1016,9 +1035,10 @@ def speed_section(quick: bool, device: str, timeout_s: float) -> str:
     configs = speed_configs(quick, device)
     flat = run_rounds([case for config in configs for case in speed_cases(config, device)], speed_rounds(device),
                       timeout_s)
-    results = [flat[i:i + len(SPEED_NAMES)] for i in range(0, len(flat), len(SPEED_NAMES))]
-    show("training step", SPEED_HEADERS, speed_rows(configs, results))
-    show("ratios", RATIO_HEADERS, ratio_rows(configs, results))
+    per_config = len(speed_names(device))
+    results = [flat[i:i + per_config] for i in range(0, len(flat), per_config)]
+    show("training step", SPEED_HEADERS, speed_rows(configs, results, device))
+    show("ratios", RATIO_HEADERS, ratio_rows(configs, results, device))
     return speed_markdown(configs, results, device, load)
 
 

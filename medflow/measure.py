@@ -83,7 +83,8 @@ class Case:
     ``max_batch`` (the largest training batch that fits, up to ``batch``); impl: ``medflow`` or
     ``peer`` (FrEIA); shape: volume in voxels; overrides: model options; bf16: bfloat16 coupling
     subnets (``set_subnet_bf16``); compiled: ``DualGlow.compile_subnets``; batch: volumes per
-    training step or MRIs per sampling call (``max_batch``: the largest batch tried)."""
+    training step or MRIs per sampling call (``max_batch``: the largest batch tried);
+    channels_last: the peer's weights stored channels-last (medflow's layout on a CPU)."""
 
     task: str
     preset: str
@@ -99,6 +100,7 @@ class Case:
     bf16: bool = False
     compiled: bool = False
     batch: int = 1
+    channels_last: bool = False
 
     @property
     def variant(self) -> str:
@@ -116,12 +118,12 @@ class Case:
 def build_model(case: Case, device: torch.device) -> torch.nn.Module:
     """The medflow model or its FrEIA peer for ``case``, untrained, on ``device``: medflow's in the
     layout ``place_model`` gives it (channels-last weights on a CPU), the peer's in PyTorch's default
-    layout, as a FrEIA user's model has it (with channels-last weights, PyTorch copies the peer's
-    top-level convolution weights to the contiguous layout at every call)."""
+    layout, as a FrEIA user's model has it, or channels-last with ``case.channels_last``."""
     if case.impl == "peer":
         from medflow.peer_flow import PeerDualGlow
 
-        return PeerDualGlow.from_preset(case.preset, tuple(case.shape), **case.overrides).to(device)
+        peer = PeerDualGlow.from_preset(case.preset, tuple(case.shape), **case.overrides).to(device)
+        return peer.to(memory_format=torch.channels_last_3d) if case.channels_last else peer
     from medflow.device import place_model
 
     from medflow.model import DualGlow

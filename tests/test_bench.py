@@ -56,13 +56,17 @@ def test_peer_shares_the_injector_and_has_medflow_parameters_but_the_channel_mix
         PeerDualGlow.from_preset("tiny", SHAPE, condition_width=4)
 
 
-def test_the_peer_keeps_pytorchs_default_layout_and_medflow_goes_channels_last_on_a_cpu():
-    """A FrEIA user's model has contiguous weights; channels-last ones would make PyTorch copy the
-    peer's top-level convolution weights at every call (medflow's Conv3d reads them in place)."""
+def test_the_peer_runs_in_pytorchs_default_layout_or_channels_last_and_medflow_channels_last_on_a_cpu():
+    """A FrEIA user's model has contiguous weights; with channels-last ones PyTorch copies the
+    peer's top-level convolution weights at every call, but its large convolutions may be faster:
+    the bench times both."""
     cpu = torch.device("cpu")
     peer = measure.build_model(measure.Case("train", "tiny", SHAPE, impl="peer"), cpu)
     ours = measure.build_model(measure.Case("train", "tiny", SHAPE), cpu)
     assert all(m.weight.is_contiguous() for m in peer.modules() if isinstance(m, torch.nn.Conv3d))
+    peer = measure.build_model(measure.Case("train", "tiny", SHAPE, impl="peer", channels_last=True), cpu)
+    assert all(m.weight.is_contiguous(memory_format=torch.channels_last_3d) for m in peer.modules()
+               if isinstance(m, torch.nn.Conv3d) and m.weight.shape[2:] != (1, 1, 1))
     assert all(m.weight.is_contiguous(memory_format=torch.channels_last_3d) for m in ours.modules()
                if isinstance(m, torch.nn.Conv3d) and m.weight.shape[2:] != (1, 1, 1))
 
@@ -82,10 +86,15 @@ def test_speed_markdown_lists_runs_ratios_and_failures():
     configs = bench.speed_configs(quick=True, device="cpu")
     ok = {"params": 1000, "median_s": 2.0, "median_cpu_s": 3.0, "threads": 2, "baseline_mib": 100.0,
           "above_baseline_mib": 50.0}
-    results = [[ok, {**ok, "median_s": 3.0, "above_baseline_mib": 25.0}, ok], [ok, {"error": "timed out"}, ok]]
+    slower_peer = {**ok, "median_s": 4.0, "above_baseline_mib": 20.0}
+    results = [[ok, {**ok, "median_s": 3.0, "above_baseline_mib": 25.0}, slower_peer, ok],
+               [ok, {"error": "timed out"}, ok, {"error": "out of cpu memory"}]]
     text = bench.speed_markdown(configs, results, "cpu", load="0.5")
-    assert "| 1.50 | 0.50 | 1.00 | 1.00 | 0.50 |" in text and "| 75 % |" in text
-    assert "failed: timed out" in text and "--quick" in text
+    assert "| 1.50 | 0.50 | channels-last weights | 1.00 | 1.00 | 0.50 |" in text and "| 75 % |" in text
+    assert "| n/a | n/a | plain autograd | 1.00 | 1.00 | n/a |" in text
+    assert "failed: timed out" in text and "failed: out of cpu memory" in text and "--quick" in text
+    assert [c.channels_last for c in bench.speed_cases(configs[0], "cpu")] == [False, False, False, True]
+    assert [c.impl for c in bench.speed_cases(configs[0], "cuda")] == ["medflow", "medflow", "peer"]
 
 
 def test_rounds_alternate_order_and_merge_per_case(monkeypatch):
