@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 
 import torch
@@ -19,15 +20,24 @@ def place_model(model: torch.nn.Module, device: torch.device) -> torch.nn.Module
     return model.to(memory_format=torch.channels_last_3d) if device.type == "cpu" else model
 
 
-def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    """``auto`` -> CUDA when available else CPU; an explicit ``cuda`` without a GPU is an error."""
-    if name not in ("auto", "cpu", "cuda") and not name.startswith("cuda:"):
-        raise ResourceError(f"unknown device {name!r} (use auto, cpu or cuda)")
+def resolve_device(name: str, local_rank: int = 0, world_size: int = 1) -> torch.device:
+    """``auto`` -> CUDA when available else CPU; ``cuda`` -> the GPU of this process's local rank;
+    ``cuda:N`` -> GPU N (one process only). An explicit GPU that is not there is an error."""
+    if name not in ("auto", "cpu", "cuda") and not re.fullmatch(r"cuda:\d+", name):
+        raise ResourceError(f"unknown device {name!r} (use auto, cpu, cuda or cuda:N)")
     if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
     if not torch.cuda.is_available():
         raise ResourceError(f"--device {name} requested but no CUDA GPU is available (use --device cpu)")
-    return torch.device(name if ":" in name else f"cuda:{local_rank}")
+    if ":" in name and world_size > 1:
+        raise ResourceError(f"--device {name}: under torchrun every process takes the GPU of its local rank; "
+                            "give --device cuda")
+    index = int(name.split(":")[1]) if ":" in name else local_rank
+    count = torch.cuda.device_count()
+    if index >= count:
+        raise ResourceError(f"--device {name}: cuda:{index} is not there; this machine has {count} CUDA GPU(s)"
+                            + (" (torchrun started more processes per node than that)" if ":" not in name else ""))
+    return torch.device("cuda", index)
 
 
 @dataclass
@@ -55,7 +65,7 @@ def init_distributed(device_name: str) -> Distributed:
     info = Distributed(int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0")), world)
     use_cuda = device_name != "cpu" and torch.cuda.is_available()
     if use_cuda:
-        torch.cuda.set_device(info.local_rank)
+        torch.cuda.set_device(resolve_device(device_name, info.local_rank, world))
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if use_cuda else "gloo")
     return info

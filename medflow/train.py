@@ -12,7 +12,7 @@ import csv
 import math
 import signal
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import MISSING, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -104,6 +104,11 @@ class TrainOptions:
             raise OutputError(f"{self.out}: is a file; --out needs a run folder")
 
 
+TRAIN_DEFAULTS = {name: f.default_factory() if f.default_factory is not MISSING else f.default
+                  for name, f in TrainOptions.__dataclass_fields__.items() if name not in ("data", "out")}
+COURSE_KEPT = ("ema", "bf16", "recompute", "checkpoint_every", "val_every")  # a resumed run keeps these unless given
+
+
 def _records(subjects: list[Subject], side: SideSpec | None, source: str) -> list[dict]:
     """Dataset rows: MRI paths, PET path, name and the encoded side vector (empty without side information)."""
     return [{"mri": [str(p) for p in s.mri], "pet": str(s.pet), "subject": s.subject,
@@ -188,13 +193,15 @@ class Trainer:
         self.opts = opts
         self.report = reporter
         self.dist: Distributed = init_distributed(opts.device)
-        self.device = resolve_device(opts.device, self.dist.local_rank)
+        self.device = resolve_device(opts.device, self.dist.local_rank, self.dist.world_size)
         self.run_dir = Path(opts.out)
         self._prepare_run_dir()
         opts = self.opts = self._course(opts)
         preset = load_preset(self.settings["preset"])
         train_cfg = {**preset["train"], **{k: v for k, v in self.settings["train"].items() if v is not None}}
         self.batch_size = int(train_cfg.get("batch_size", 1))
+        if opts.resume:
+            self._refuse_changes(opts)
         self.lr = float(train_cfg.get("lr", 1e-3))
         self.warmup = int(train_cfg.get("warmup_steps", 100))
         # Recorded when the run starts; a run from before it resumes with one learning rate.
@@ -210,11 +217,14 @@ class Trainer:
         self.elapsed_before = self.clock = 0.0
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: lr_factor(s, self.warmup, self.progress(s)))
-        self.ema = (AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(opts.ema), use_buffers=True)
-                    if opts.ema else None)
+        self.ema = self._averaged() if opts.ema else None
         self.step = 0
         self.best_val = float("inf")
         self.nonfinite_skipped = 0
+
+    def _averaged(self) -> AveragedModel:
+        """The exponential moving average (decay ``--ema``) of the weights, starting from the model's."""
+        return AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(self.opts.ema), use_buffers=True)
 
     # ----- set-up -------------------------------------------------------------------------
     def _prepare_run_dir(self) -> None:
@@ -225,7 +235,8 @@ class Trainer:
                 raise OutputError(f"{self.run_dir}: nothing to resume (no config.json)")
             self.settings = read_config(self.run_dir)["settings"]
             return
-        if config_exists or (self.run_dir.exists() and any(self.run_dir.iterdir())):
+        # Rank 0 alone: by the time a late rank looks, rank 0 may have written config.json.
+        if self.dist.is_main and (config_exists or (self.run_dir.exists() and any(self.run_dir.iterdir()))):
             raise OutputError(f"{self.run_dir}: folder exists and is not empty; pass --resume to continue "
                               "that run or choose another --out")
         preset = load_preset(opts.preset)
@@ -247,16 +258,18 @@ class Trainer:
             "seed": opts.seed or 0,
             "train": {"batch_size": opts.batch_size, "lr": opts.lr, "warmup_steps": opts.warmup,
                       "injector_lr_scale": injector_lr_scale(preset["train"], opts.preset)},
-            "data": str(opts.data),
-            "val": str(opts.val) if opts.val else None,
+            "data": str(Path(opts.data).resolve()),
+            "val": str(Path(opts.val).resolve()) if opts.val else None,
             "val_fraction": opts.val_fraction,
         }
         check_folder_creatable(self.run_dir)
 
     def _course(self, opts: TrainOptions) -> TrainOptions:
-        """``opts`` with the run's own seed and EMA decay, and its stop rule (``--steps``,
-        ``--epochs``, ``--time-limit``) unless the command gives one, which then becomes the run's:
-        a plain ``--resume`` continues the run as it was started. Recorded under ``course``."""
+        """``opts`` with the run's own seed, and its stop rule (``--steps``, ``--epochs``,
+        ``--time-limit``), EMA decay, precision, backward and checkpoint and validation intervals
+        unless the command gives them (other than their defaults), which then become the run's: a
+        plain ``--resume`` continues the run as it was started. Recorded under ``course``. A given
+        ``--lr`` or ``--warmup`` replaces the run's (for a run that diverged)."""
         course = self.settings.get("course") if opts.resume else None
         seed = self.settings.setdefault("seed", opts.seed or 0)
         if opts.seed is not None and opts.seed != seed:
@@ -265,9 +278,49 @@ class Trainer:
         stop = {"steps": opts.steps, "epochs": opts.epochs, "time_limit": opts.time_limit}
         if course and not any(value is not None for value in stop.values()):
             stop = {key: course[key] for key in stop}
-        ema = opts.ema if opts.ema is not None or not course else course["ema"]
-        self.settings["course"] = {**stop, "ema": ema}
-        return replace(opts, seed=seed, ema=ema, **stop)
+        kept = {key: getattr(opts, key) for key in COURSE_KEPT}
+        for key, value in kept.items():
+            if course and key in course and value == TRAIN_DEFAULTS[key]:
+                kept[key] = course[key]
+        if opts.resume:
+            for key, value in (("lr", opts.lr), ("warmup_steps", opts.warmup)):
+                if value is not None:
+                    self.settings["train"][key] = value
+        self.settings["course"] = {**stop, **kept}
+        return replace(opts, seed=seed, **stop, **kept)
+
+    def _refuse_changes(self, opts: TrainOptions) -> None:
+        """InputError for an option a resumed run cannot change (its data, model, preprocessing,
+        batch size), given with another value than the run's; a run's data that moved (its
+        recorded path is gone) is read from the command's DATA."""
+        s = self.settings
+        changed = []
+        for flag, given, recorded in (
+                ("--preset", opts.preset if opts.preset != TRAIN_DEFAULTS["preset"] else None, s["preset"]),
+                ("--batch-size", opts.batch_size, self.batch_size),
+                ("--spacing", opts.spacing, s["spacing"][0]),
+                ("--grid", list(opts.grid) if opts.grid else None, s.get("preprocessing", {}).get("grid", s["grid"])),
+                ("--pet-normalization", opts.pet_normalization, s.get("pet_normalization", "none")),
+                ("--mri-columns", opts.mri_columns if opts.mri_columns != TRAIN_DEFAULTS["mri_columns"] else None,
+                 s["mri_columns"]),
+                ("--side-columns", opts.side_columns or None, s.get("side_columns", [])),
+                ("--val-fraction", opts.val_fraction if opts.val_fraction != TRAIN_DEFAULTS["val_fraction"] else None,
+                 s["val_fraction"] if not s["val"] else None),
+                *((f"--set {key}", value, s["model"].get(key)) for key, value in opts.model_overrides.items())):
+            if given is not None and given != recorded:
+                changed.append(f"{flag} {given} (the run's: {recorded})")
+        for name, given, key in (("DATA", opts.data, "data"), ("--val", opts.val, "val")):
+            recorded = s.get(key)
+            if given is None or (recorded and Path(given).resolve() == Path(recorded).resolve()):
+                continue
+            if recorded and Path(recorded).exists() or (key == "val" and not recorded):
+                changed.append(f"{name} {given} (the run's: {recorded})")
+            else:
+                self.report(f"the run's {name} {recorded} is gone; reading {given}")
+                s[key] = str(Path(given).resolve())
+        if changed:
+            raise InputError(f"a resumed run keeps its data, model and batch size: {'; '.join(changed)}. Drop "
+                             "these options, or start a new run with another --out")
 
     def load_cache(self, subjects: list[Subject], source: str) -> CacheDataset:
         """``subjects`` read, resampled and normalised (stage 1) as for training; ``eval_item`` takes its items."""
@@ -427,14 +480,24 @@ class Trainer:
             self.report("no intact checkpoint found; starting from step 0")
             return
         path, state = found
+        peaks = [group["initial_lr"] for group in self.optimizer.param_groups]  # the run's --lr, maybe new
         try:
             self.model.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
         except (KeyError, RuntimeError, ValueError) as exc:
             raise ModelError(f"{path}: cannot resume from it ({str(exc).splitlines()[0][:160]})") from None
         self.scheduler.load_state_dict(state["scheduler"])
-        if self.ema and state.get("ema"):
-            self.ema.load_state_dict(state["ema"])
+        if peaks != [group["initial_lr"] for group in self.optimizer.param_groups]:
+            self.scheduler.base_lrs = peaks
+            for group, peak in zip(self.optimizer.param_groups, peaks):
+                group["initial_lr"] = peak
+                group["lr"] = peak * self.scheduler.lr_lambdas[0](self.scheduler.last_epoch)
+            self.report(f"peak learning rate now {peaks[0]:g}")
+        if self.ema:
+            if state.get("ema"):
+                self.ema.load_state_dict(state["ema"])
+            else:  # a new --ema: the average starts from the resumed weights, not the initial ones
+                self.ema = self._averaged()
         self.step = int(state["step"])
         self.best_val = float(state["best_val"])
         self.nonfinite_skipped = int(state.get("nonfinite_skipped", 0))
@@ -472,10 +535,21 @@ class Trainer:
         dist.all_reduce(t, op=dist.ReduceOp.MIN)
         return bool(t.item() > 0.5)
 
+    def _all_agree_on(self, value: int) -> bool:
+        """True when ``value`` is the same on every rank."""
+        if not self.dist.enabled:
+            return True
+        t = torch.tensor([value, -value], dtype=torch.float64, device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t[0].item() == -t[1].item())
+
     def run(self, progress) -> dict:
         opts = self.opts
         if opts.resume:
             self.resume()
+            if not self._all_agree_on(self.step):
+                raise OutputError(f"{self.run_dir}: the processes resumed from different steps; under torchrun --out "
+                                  "must be a folder every node sees (shared storage)")
         if self.dist.is_main:
             make_folder(self.run_dir)
             self._write_run_config()
@@ -524,7 +598,7 @@ class Trainer:
                         raise TrainingError(
                             f"{consecutive_bad} non-finite losses in a row at step {self.step}; stopped. "
                             f"The last good checkpoint in {self.run_dir / 'checkpoints'} is intact; "
-                            "try a lower --lr or a longer --warmup")
+                            "--resume with a lower --lr or a longer --warmup")
                 self.scheduler.step()
                 self.step += 1
                 row = {"step": self.step, "loss": loss.item(), "pet_bpv": terms["pet_bpv"].mean().item(),
@@ -543,8 +617,8 @@ class Trainer:
                 if not self._all_agree(stop.signum is None):
                     stopped_by = "signal"
                     break
-        self.tick()
-        self.save_checkpoint()
+            self.tick()
+            self.save_checkpoint()  # under the stop flag: a second Ctrl-C or SIGTERM waits for it
         summary = {"step": self.step, "stopped_by": stopped_by or "done", "nonfinite_skipped": self.nonfinite_skipped}
         if stopped_by == "signal":
             return summary

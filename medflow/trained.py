@@ -38,15 +38,16 @@ class TrainedModel:
 
 
 def weights_file(run_dir: Path) -> tuple[Path, dict]:
-    """best.pt; else final.pt unless a step checkpoint is newer (a finished run that was resumed
-    and stopped again has trained past it); else the newest intact step checkpoint."""
+    """best.pt; else final.pt unless an intact step checkpoint is newer (a finished run that was
+    resumed and stopped again has trained past it); else the newest intact step checkpoint."""
     if (run_dir / "best.pt").exists():
         return run_dir / "best.pt", load_state(run_dir / "best.pt")
-    if (run_dir / "final.pt").exists():
-        final = load_state(run_dir / "final.pt")
-        if all(step_of(path) <= final["step"] for path in step_checkpoints(run_dir)):
-            return run_dir / "final.pt", final
+    final = load_state(run_dir / "final.pt") if (run_dir / "final.pt").exists() else None
+    if final is not None and all(step_of(path) <= final["step"] for path in step_checkpoints(run_dir)):
+        return run_dir / "final.pt", final
     found = latest_valid_step(run_dir)
+    if final is not None and (found is None or found[1]["step"] <= final["step"]):
+        return run_dir / "final.pt", final
     if found is None:
         raise ModelError(f"{run_dir}: no weights (best.pt, final.pt or checkpoints/step-*.pt)")
     return found

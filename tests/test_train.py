@@ -4,6 +4,7 @@ import csv
 import hashlib
 import os
 import pickle
+import re
 import signal
 import subprocess
 import sys
@@ -19,7 +20,7 @@ from rich.progress import Progress
 import medflow.checkpoint
 import medflow.train
 from medflow.checkpoint import load_state, read_config, save_state, save_step, step_checkpoints, write_config
-from medflow.errors import ModelError, TrainingError
+from medflow.errors import InputError, ModelError, TrainingError
 from medflow.model import DualGlow, DualGlowConfig, bits_per_voxel
 from medflow.presets import preset_path
 from medflow.train import Trainer, TrainOptions, lr_factor
@@ -88,7 +89,117 @@ def test_a_plain_resume_keeps_the_runs_ema_and_stop_rule_and_a_new_stop_rule_bec
                      reporter=lambda m: None)
     assert (longer.total_steps, longer.opts.time_limit, longer.opts.ema) == (None, 0.001, 0.9)
     longer.run(Progress(disable=True))
-    assert read_config(run)["settings"]["course"] == {"steps": None, "epochs": None, "time_limit": 0.001, "ema": 0.9}
+    assert read_config(run)["settings"]["course"] == {"steps": None, "epochs": None, "time_limit": 0.001, "ema": 0.9,
+                                                      "bf16": False, "recompute": False, "checkpoint_every": 100,
+                                                      "val_every": 200}
+
+
+def quiet_trainer(**options) -> Trainer:
+    return Trainer(TrainOptions(**{"preset": "tiny", "device": "cpu", "spacing": 6.0, "val_fraction": 0.0,
+                                   **options}), reporter=lambda m: None)
+
+
+def test_a_resumed_run_keeps_its_backward_and_intervals_unless_given(pairs, tmp_path):
+    """--memory-saving, --checkpoint-every and --val-every are the run's own (before, a plain
+    --resume fell back to the defaults: another backward, other steps eligible for best.pt)."""
+    run = tmp_path / "run"
+    quiet_trainer(data=pairs, out=run, steps=2, recompute=True, checkpoint_every=1, val_every=7).run(
+        Progress(disable=True))
+    plain = quiet_trainer(data=pairs, out=run, resume=True, steps=3)
+    assert (plain.opts.recompute, plain.opts.checkpoint_every, plain.opts.val_every) == (True, 1, 7)
+    given = quiet_trainer(data=pairs, out=run, resume=True, steps=3, val_every=5)
+    assert (given.opts.recompute, given.opts.val_every) == (True, 5)
+
+
+def test_a_resumed_run_refuses_other_data_model_or_batch_size(pairs, tmp_path):
+    """Options a resumed run cannot honour are a one-line error, not silently dropped."""
+    run = tmp_path / "run"
+    quiet_trainer(data=pairs, out=run, steps=1, batch_size=2).run(Progress(disable=True))
+    other = write_paired_csv(tmp_path / "other", n=3)
+    for options, named in (({"batch_size": 1}, "--batch-size 1 (the run's: 2)"),
+                           ({"model_overrides": {"hidden": 4}}, "--set hidden 4 (the run's: 16)"),
+                           ({"spacing": 5.0}, "--spacing 5.0 (the run's: 6.0)"),
+                           ({"data": other}, f"DATA {other} (the run's: {pairs.resolve()})")):
+        with pytest.raises(InputError, match=re.escape(named)):
+            quiet_trainer(**{"data": pairs, "out": run, "resume": True, "steps": 2, **options})
+    assert read_config(run)["settings"]["data"] == str(pairs.resolve())
+
+
+def test_a_resumed_run_whose_data_moved_reads_the_commands_data(pairs, tmp_path):
+    run = tmp_path / "run"
+    quiet_trainer(data=pairs, out=run, steps=1).run(Progress(disable=True))
+    config = read_config(run)
+    config["settings"]["data"] = str(tmp_path / "gone" / "pairs.csv")
+    write_config(run, config)
+    messages = []
+    resumed = Trainer(TrainOptions(data=pairs, out=run, resume=True, steps=2, device="cpu"), reporter=messages.append)
+    assert resumed.settings["data"] == str(pairs.resolve()) and any("is gone; reading" in m for m in messages)
+
+
+def test_resume_with_a_new_lr_trains_on_at_that_peak(pairs, tmp_path):
+    """The way out of a diverged run that exit 8 names: --resume with a lower --lr. The learning
+    rate of the resumed steps follows the new peak on the same schedule; the run records it."""
+    run = tmp_path / "run"
+    quiet_trainer(data=pairs, out=run, steps=4, lr=1e-3, warmup=1, checkpoint_every=2).run(Progress(disable=True))
+    full = [float(r["lr"]) for r in csv.DictReader((run / "metrics.csv").open())]
+    (run / "final.pt").unlink()
+    for old in step_checkpoints(run)[:1]:
+        old.unlink()
+    resumed = quiet_trainer(data=pairs, out=run, resume=True, lr=1e-4)
+    assert resumed.optimizer.param_groups[0]["initial_lr"] == pytest.approx(1e-4)
+    resumed.run(Progress(disable=True))
+    rows = list(csv.DictReader((run / "metrics.csv").open()))
+    assert [int(r["step"]) for r in rows[-2:]] == [3, 4]
+    assert [float(r["lr"]) for r in rows[-2:]] == pytest.approx([lr / 10 for lr in full[2:]])
+    assert read_config(run)["settings"]["train"]["lr"] == 1e-4
+
+
+def test_a_new_ema_on_resume_starts_from_the_resumed_weights(pairs, tmp_path):
+    """--resume --ema D --steps N at the step it stopped at runs no step: final.pt must be the
+    checkpoint's weights (before, the average of none: the initial random weights)."""
+    run = tmp_path / "run"
+    quiet_trainer(data=pairs, out=run, steps=2, checkpoint_every=2).run(Progress(disable=True))
+    (run / "final.pt").unlink()
+    trained = load_state(step_checkpoints(run)[0])["model"]
+    quiet_trainer(data=pairs, out=run, resume=True, steps=2, ema=0.9).run(Progress(disable=True))
+    final = load_state(run / "final.pt")["model"]
+    for key, value in trained.items():
+        assert torch.equal(final[key], value), key
+
+
+def test_a_second_signal_during_the_last_checkpoint_does_not_lose_it(pairs, tmp_path, monkeypatch):
+    """Ctrl-C stops the loop and the last checkpoint is written; a second Ctrl-C (or torchrun's
+    SIGTERM after the terminal's SIGINT) while it is written waits for it instead of killing it."""
+    original_batch, original_save = Trainer.train_batch, medflow.train.save_step
+
+    def batch(self, step):
+        if step == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+        return original_batch(self, step)
+
+    def save(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)
+        return original_save(*args, **kwargs)
+
+    monkeypatch.setattr(Trainer, "train_batch", batch)
+    monkeypatch.setattr(medflow.train, "save_step", save)
+    run = tmp_path / "run"
+    summary = quiet_trainer(data=pairs, out=run, steps=100, checkpoint_every=1000).run(Progress(disable=True))
+    assert summary["stopped_by"] == "signal"
+    assert [load_state(p)["step"] for p in step_checkpoints(run)] == [summary["step"]]
+
+
+def test_a_checkpoint_just_written_is_kept_beside_higher_ones_a_resume_skipped(tmp_path):
+    """A run that restarted below checkpoints it could not load keeps what it writes, and
+    synthesis serves final.pt over a newer step checkpoint that does not load."""
+    for step in (200, 300):
+        save_step(tmp_path, step, {"step": step})
+        (tmp_path / "checkpoints" / f"step-{step:07d}.pt").write_bytes(b"corrupt")
+    path = save_step(tmp_path, 100, {"step": 100})
+    assert path.exists() and load_state(path)["step"] == 100
+    assert [p.name for p in step_checkpoints(tmp_path)] == ["step-0000300.pt", "step-0000100.pt"]
+    save_state(tmp_path / "final.pt", {"step": 150})
+    assert weights_file(tmp_path)[0].name == "final.pt"
 
 
 def test_memory_saving_training_follows_the_plain_run(pairs, tmp_path):
@@ -289,6 +400,42 @@ def test_ddp_two_processes_on_cpu(pairs, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert (run / "final.pt").exists()
     assert (run / "metrics.csv").read_text().count("\n") == 4
+    resumed = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29534",
+         "-m", "medflow.cli", "train", str(pairs), "--out", str(run), "--resume", "--steps", "4", "--device", "cpu"],
+        capture_output=True, encoding="utf-8", errors="replace", timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert load_state(run / "final.pt")["step"] == 4
+
+
+def _agree_on(rank: int, init_file: str, values: tuple[int, int], results) -> None:
+    """One of two gloo processes: does ``Trainer._all_agree_on`` see the same value on both?"""
+    import torch.distributed as dist
+
+    from medflow.device import Distributed
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        trainer = SimpleNamespace(dist=Distributed(rank, rank, 2), device=torch.device("cpu"))
+        results.put((rank, Trainer._all_agree_on(trainer, values[rank])))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("values, agree", [((7, 7), True), ((6, 7), False)])
+def test_ranks_that_resumed_from_different_steps_find_out_together(tmp_path, values, agree):
+    """Without storage that every node shares, ranks can load different checkpoints; every rank
+    learns it from one collective (and stops with the same error) instead of training on apart."""
+    context = torch.multiprocessing.get_context("spawn")
+    results = context.Queue()
+    workers = [context.Process(target=_agree_on, args=(rank, str(tmp_path / "init"), values, results))
+               for rank in range(2)]
+    for worker in workers:
+        worker.start()
+    found = dict(results.get(timeout=120) for _ in workers)
+    for worker in workers:
+        worker.join(timeout=60)
+    assert found == {0: agree, 1: agree}
 
 
 def test_pet_normalisation_is_recorded_and_sets_the_output_level(pairs, tmp_path):
@@ -479,3 +626,21 @@ def test_bad_pet_in_the_manifest_is_named_in_one_line(pairs, tmp_path, damage):
     assert result.returncode == 3, result.stderr
     lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and pet.name in lines[0] and "internal error" not in result.stderr
+
+
+def test_explicit_gpus_are_checked_against_the_machine_and_the_torchrun_job(monkeypatch):
+    """cuda:N must exist, and under torchrun each process takes its local rank's GPU (before,
+    --device cuda:0 put every rank on GPU 0, and a missing GPU failed later as an internal error)."""
+    from medflow.device import resolve_device
+    from medflow.errors import ResourceError
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert resolve_device("cuda:1") == torch.device("cuda", 1)
+    assert resolve_device("cuda", local_rank=1, world_size=2) == torch.device("cuda", 1)
+    for name, rank, world, problem in (("cuda:2", 0, 1, "cuda:2 is not there; this machine has 2 CUDA GPU"),
+                                       ("cuda", 2, 4, "torchrun started more processes per node than that"),
+                                       ("cuda:0", 1, 2, "under torchrun every process takes the GPU of its local"),
+                                       ("cuda:x", 0, 1, "unknown device 'cuda:x'")):
+        with pytest.raises(ResourceError, match=re.escape(problem)):
+            resolve_device(name, rank, world)
