@@ -140,10 +140,12 @@ def train(
     data: Path = typer.Argument(..., help="CSV manifest (columns mri, pet[, mask, subject, split, side info]) "
                                           "or a folder with mri/ and pet/ sub-folders of same-named files."),
     out: Path = typer.Option(..., "--out", "-o", help="Run folder for config, checkpoints and logs."),
-    preset: str = typer.Option("small", help="Model preset (tiny, small, dualglow3d) or a YAML file."),
+    preset: str = typer.Option(None, help="Model preset (tiny, small, dualglow3d) or a YAML file [default: small]."),
     val: Path = typer.Option(None, help="Validation CSV/folder (default: --val-fraction of DATA)."),
-    val_fraction: float = typer.Option(0.1, help="Fraction of training rows held out for validation."),
-    mri_columns: str = typer.Option("mri", help="Comma-separated CSV columns stacked as MRI channels, e.g. mri,t2."),
+    val_fraction: float = typer.Option(None, help="Fraction of training rows held out for validation "
+                                                  "[default: 0.1]."),
+    mri_columns: str = typer.Option(None, help="Comma-separated CSV columns stacked as MRI channels, e.g. mri,t2 "
+                                               "[default: mri]."),
     side_columns: str = typer.Option("", help="Comma-separated CSV columns of side information (e.g. age,sex,dx) "
                                              "that condition the top-level PET prior; categorical ones also "
                                              "scale the PET through a learned map of relative change "
@@ -165,13 +167,15 @@ def train(
     seed: int = typer.Option(None, help="Seed (default 0): the same seed on CPU gives the same weights; a "
                                         "resumed run keeps its own."),
     device: str = typer.Option("auto", help="auto, cpu or cuda (an explicit cuda without a GPU is an error)."),
-    bf16: bool = typer.Option(False, "--bf16", help="bfloat16 coupling subnets on GPU (invertible maths stays fp32)."),
-    memory_saving: bool = typer.Option(False, "--memory-saving",
+    bf16: bool = typer.Option(None, "--bf16/--no-bf16", help="bfloat16 coupling subnets on GPU (invertible maths "
+                                                             "stays fp32) [default: off]."),
+    memory_saving: bool = typer.Option(None, "--memory-saving/--no-memory-saving",
                                        help="Recompute activations in the backward pass (flow steps by inversion) "
-                                            "instead of storing them."),
-    checkpoint_every: int = typer.Option(100, help="Write a checkpoint every N steps."),
-    val_every: int = typer.Option(200, help="Validate every N steps."),
-    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its newest intact checkpoint."),
+                                            "instead of storing them [default: off]."),
+    checkpoint_every: int = typer.Option(None, help="Write a checkpoint every N steps [default: 100]."),
+    val_every: int = typer.Option(None, help="Validate every N steps [default: 200]."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its newest intact checkpoint, "
+                                "with the run's own settings for the options not given."),
     allow_outside_paths: bool = typer.Option(False, "--allow-outside-paths",
                                              help="Accept CSV paths that are absolute or leave the CSV's folder."),
     set_: list[str] = typer.Option([], "--set", help="Override a model option, e.g. --set hidden=64 (repeatable)."),
@@ -186,7 +190,7 @@ def train(
         check_seed(seed)
         opts = TrainOptions(
             data=data, out=out, preset=preset, val=val, val_fraction=val_fraction,
-            mri_columns=[c.strip() for c in mri_columns.split(",") if c.strip()],
+            mri_columns=[c.strip() for c in mri_columns.split(",") if c.strip()] if mri_columns is not None else None,
             side_columns=[c.strip() for c in side_columns.split(",") if c.strip()], spacing=spacing,
             pet_normalization=pet_normalization, grid=parse_grid(grid), steps=steps, epochs=epochs,
             time_limit=parse_seconds(time_limit),
@@ -205,7 +209,7 @@ def train(
                           f"--steps {summary['step']}", highlight=False)
             raise typer.Exit(130)
 
-    guarded(body)
+    guarded(body, "the checkpoints written so far are kept; --resume continues the run (or finishes it)")
 
 
 def _batch_jobs(input_: Path, output: Path, mri_columns: list[str], allow_outside: bool,

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from medflow.baseline import IntensityMapping
+from medflow.checkpoint import read_config
 from medflow.device import resolve_device
 from medflow.errors import InputError, OutputError
 from medflow.imageio import make_folder, read_mask, read_volume, write_volume
@@ -93,7 +94,8 @@ def run_demo(opts: DemoOptions, console, progress_factory) -> dict:
     test_rows = [s for s in subjects if s.split == "test"]
 
     run = out / RUN_FOLDER
-    trains = not (run / "final.pt").exists()
+    # Finished: final weights and the quality-control statistics written after them.
+    trains = not ((run / "final.pt").exists() and "qc" in read_config(run))
     if trains:
         resume = (run / "config.json").exists()
         trainer = Trainer(TrainOptions(data=data_csv, out=run, preset=opts.preset, time_limit=opts.time_limit,

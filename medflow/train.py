@@ -12,7 +12,7 @@ import csv
 import math
 import signal
 import time
-from dataclasses import MISSING, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -51,14 +51,15 @@ CALIBRATION_SUBJECTS = 8  # validation subjects the sampling temperature is cali
 
 @dataclass
 class TrainOptions:
-    """Options of ``medflow train`` (see ``medflow train --help``). Times in seconds."""
+    """Options of ``medflow train`` (see ``medflow train --help``). Times in seconds. None: not
+    given, so ``DEFAULTS`` for a new run and the run's own for ``--resume``."""
 
     data: Path
     out: Path
-    preset: str = "small"
+    preset: str | None = None
     val: Path | None = None
-    val_fraction: float = 0.1
-    mri_columns: list[str] = field(default_factory=lambda: ["mri"])
+    val_fraction: float | None = None
+    mri_columns: list[str] | None = None
     side_columns: list[str] = field(default_factory=list)
     spacing: float | None = None
     pet_normalization: str | None = None
@@ -74,10 +75,10 @@ class TrainOptions:
     ema: float | None = None
     seed: int | None = None  # None: 0 for a new run, its own for --resume
     device: str = "auto"
-    bf16: bool = False
-    recompute: bool = False
-    checkpoint_every: int = 100
-    val_every: int = 200
+    bf16: bool | None = None
+    recompute: bool | None = None
+    checkpoint_every: int | None = None
+    val_every: int | None = None
     val_samples: int = 2
     resume: bool = False
     max_nonfinite: int = 5
@@ -96,7 +97,7 @@ class TrainOptions:
         for flag, value in positive.items():
             if value is not None and not (math.isfinite(value) and value > 0):
                 raise InputError(f"{flag} must be a positive number, got {value:g}")
-        if not 0.0 <= self.val_fraction < 1.0:
+        if self.val_fraction is not None and not 0.0 <= self.val_fraction < 1.0:
             raise InputError(f"--val-fraction must be at least 0 and below 1, got {self.val_fraction:g}")
         if self.ema is not None and not 0.0 < self.ema < 1.0:
             raise InputError(f"--ema must lie between 0 and 1, got {self.ema:g}")
@@ -104,9 +105,15 @@ class TrainOptions:
             raise OutputError(f"{self.out}: is a file; --out needs a run folder")
 
 
-TRAIN_DEFAULTS = {name: f.default_factory() if f.default_factory is not MISSING else f.default
-                  for name, f in TrainOptions.__dataclass_fields__.items() if name not in ("data", "out")}
+DEFAULTS = {"preset": "small", "val_fraction": 0.1, "mri_columns": ["mri"], "bf16": False, "recompute": False,
+            "checkpoint_every": 100, "val_every": 200, "ema": None}  # a new run's, for options not given
 COURSE_KEPT = ("ema", "bf16", "recompute", "checkpoint_every", "val_every")  # a resumed run keeps these unless given
+
+
+def given_or_default(opts: TrainOptions, name: str):
+    """The option ``name`` as given, else its default for a new run."""
+    value = getattr(opts, name)
+    return DEFAULTS[name] if value is None else value
 
 
 def _records(subjects: list[Subject], side: SideSpec | None, source: str) -> list[dict]:
@@ -196,12 +203,13 @@ class Trainer:
         self.device = resolve_device(opts.device, self.dist.local_rank, self.dist.world_size)
         self.run_dir = Path(opts.out)
         self._prepare_run_dir()
-        opts = self.opts = self._course(opts)
+        given, opts = opts, self._course(opts)
+        self.opts = opts
         preset = load_preset(self.settings["preset"])
         train_cfg = {**preset["train"], **{k: v for k, v in self.settings["train"].items() if v is not None}}
         self.batch_size = int(train_cfg.get("batch_size", 1))
         if opts.resume:
-            self._refuse_changes(opts)
+            self._refuse_changes(given)
         self.lr = float(train_cfg.get("lr", 1e-3))
         self.warmup = int(train_cfg.get("warmup_steps", 100))
         # Recorded when the run starts; a run from before it resumes with one learning rate.
@@ -239,8 +247,9 @@ class Trainer:
         if self.dist.is_main and (config_exists or (self.run_dir.exists() and any(self.run_dir.iterdir()))):
             raise OutputError(f"{self.run_dir}: folder exists and is not empty; pass --resume to continue "
                               "that run or choose another --out")
-        preset = load_preset(opts.preset)
-        model = {**preset["model"], **opts.model_overrides, "mri_channels": len(opts.mri_columns)}
+        preset_name, mri_columns = given_or_default(opts, "preset"), given_or_default(opts, "mri_columns")
+        preset = load_preset(preset_name)
+        model = {**preset["model"], **opts.model_overrides, "mri_channels": len(mri_columns)}
         DualGlowConfig.from_dict(model)
         spacing = opts.spacing or float(preset["data"].get("spacing", 4.0))
         normalization = opts.pet_normalization or preset["data"].get("pet_normalization", "none")
@@ -248,28 +257,28 @@ class Trainer:
             raise InputError(f"PET normalisation must be one of {', '.join(PET_NORMALIZATIONS)}, "
                              f"got {normalization!r}")
         self.settings = {
-            "preset": opts.preset,
+            "preset": preset_name,
             "model": model,
             "spacing": [spacing] * 3,
             "pet_normalization": normalization,
             "grid": list(opts.grid) if opts.grid else None,
-            "mri_columns": list(opts.mri_columns),
+            "mri_columns": list(mri_columns),
             "side_columns": list(opts.side_columns),
             "seed": opts.seed or 0,
             "train": {"batch_size": opts.batch_size, "lr": opts.lr, "warmup_steps": opts.warmup,
-                      "injector_lr_scale": injector_lr_scale(preset["train"], opts.preset)},
+                      "injector_lr_scale": injector_lr_scale(preset["train"], preset_name)},
             "data": str(Path(opts.data).resolve()),
             "val": str(Path(opts.val).resolve()) if opts.val else None,
-            "val_fraction": opts.val_fraction,
+            "val_fraction": given_or_default(opts, "val_fraction"),
         }
         check_folder_creatable(self.run_dir)
 
     def _course(self, opts: TrainOptions) -> TrainOptions:
-        """``opts`` with the run's own seed, and its stop rule (``--steps``, ``--epochs``,
-        ``--time-limit``), EMA decay, precision, backward and checkpoint and validation intervals
-        unless the command gives them (other than their defaults), which then become the run's: a
-        plain ``--resume`` continues the run as it was started. Recorded under ``course``. A given
-        ``--lr`` or ``--warmup`` replaces the run's (for a run that diverged)."""
+        """``opts`` with every option filled in: the run's seed, preset, MRI columns and validation
+        fraction, and its stop rule (``--steps``, ``--epochs``, ``--time-limit``), EMA decay,
+        precision, backward and checkpoint and validation intervals unless the command gives them,
+        which then become the run's (recorded under ``course``): a plain ``--resume`` continues the
+        run as it was started. A given ``--lr`` or ``--warmup`` replaces the run's."""
         course = self.settings.get("course") if opts.resume else None
         seed = self.settings.setdefault("seed", opts.seed or 0)
         if opts.seed is not None and opts.seed != seed:
@@ -280,43 +289,46 @@ class Trainer:
             stop = {key: course[key] for key in stop}
         kept = {key: getattr(opts, key) for key in COURSE_KEPT}
         for key, value in kept.items():
-            if course and key in course and value == TRAIN_DEFAULTS[key]:
-                kept[key] = course[key]
+            if value is None:
+                kept[key] = course[key] if course and key in course else DEFAULTS[key]
         if opts.resume:
             for key, value in (("lr", opts.lr), ("warmup_steps", opts.warmup)):
                 if value is not None:
                     self.settings["train"][key] = value
         self.settings["course"] = {**stop, **kept}
-        return replace(opts, seed=seed, **stop, **kept)
+        s = self.settings
+        return replace(opts, seed=seed, preset=s["preset"], mri_columns=list(s["mri_columns"]),
+                       val_fraction=s["val_fraction"], **stop, **kept)
 
     def _refuse_changes(self, opts: TrainOptions) -> None:
         """InputError for an option a resumed run cannot change (its data, model, preprocessing,
-        batch size), given with another value than the run's; a run's data that moved (its
-        recorded path is gone) is read from the command's DATA."""
+        batch size), given with another value than the run's. The command's DATA and ``--val``
+        replace a recorded path that is gone or was recorded relative (runs before commit 782d175)."""
         s = self.settings
         changed = []
         for flag, given, recorded in (
-                ("--preset", opts.preset if opts.preset != TRAIN_DEFAULTS["preset"] else None, s["preset"]),
+                ("--preset", opts.preset, s["preset"]),
                 ("--batch-size", opts.batch_size, self.batch_size),
                 ("--spacing", opts.spacing, s["spacing"][0]),
                 ("--grid", list(opts.grid) if opts.grid else None, s.get("preprocessing", {}).get("grid", s["grid"])),
                 ("--pet-normalization", opts.pet_normalization, s.get("pet_normalization", "none")),
-                ("--mri-columns", opts.mri_columns if opts.mri_columns != TRAIN_DEFAULTS["mri_columns"] else None,
-                 s["mri_columns"]),
+                ("--mri-columns", opts.mri_columns, s["mri_columns"]),
                 ("--side-columns", opts.side_columns or None, s.get("side_columns", [])),
-                ("--val-fraction", opts.val_fraction if opts.val_fraction != TRAIN_DEFAULTS["val_fraction"] else None,
-                 s["val_fraction"] if not s["val"] else None),
+                ("--val-fraction", opts.val_fraction, s["val_fraction"] if not s["val"] else None),
                 *((f"--set {key}", value, s["model"].get(key)) for key, value in opts.model_overrides.items())):
             if given is not None and given != recorded:
                 changed.append(f"{flag} {given} (the run's: {recorded})")
         for name, given, key in (("DATA", opts.data, "data"), ("--val", opts.val, "val")):
             recorded = s.get(key)
-            if given is None or (recorded and Path(given).resolve() == Path(recorded).resolve()):
+            if given is None or (recorded and Path(given).resolve() == Path(recorded)):
                 continue
-            if recorded and Path(recorded).exists() or (key == "val" and not recorded):
+            if not recorded:
+                changed.append(f"{name} {given} (the run's: none)")
+            elif Path(recorded).is_absolute() and Path(recorded).exists():
                 changed.append(f"{name} {given} (the run's: {recorded})")
             else:
-                self.report(f"the run's {name} {recorded} is gone; reading {given}")
+                if Path(recorded).is_absolute() and self.dist.is_main:
+                    self.report(f"the run's {name} {recorded} is gone; reading {given}")
                 s[key] = str(Path(given).resolve())
         if changed:
             raise InputError(f"a resumed run keeps its data, model and batch size: {'; '.join(changed)}. Drop "
@@ -487,12 +499,6 @@ class Trainer:
         except (KeyError, RuntimeError, ValueError) as exc:
             raise ModelError(f"{path}: cannot resume from it ({str(exc).splitlines()[0][:160]})") from None
         self.scheduler.load_state_dict(state["scheduler"])
-        if peaks != [group["initial_lr"] for group in self.optimizer.param_groups]:
-            self.scheduler.base_lrs = peaks
-            for group, peak in zip(self.optimizer.param_groups, peaks):
-                group["initial_lr"] = peak
-                group["lr"] = peak * self.scheduler.lr_lambdas[0](self.scheduler.last_epoch)
-            self.report(f"peak learning rate now {peaks[0]:g}")
         if self.ema:
             if state.get("ema"):
                 self.ema.load_state_dict(state["ema"])
@@ -502,6 +508,11 @@ class Trainer:
         self.best_val = float(state["best_val"])
         self.nonfinite_skipped = int(state.get("nonfinite_skipped", 0))
         self.elapsed_before = self.clock = float(state.get("elapsed", 0.0))
+        if self.opts.lr is not None or self.opts.warmup is not None:  # the schedule from here on is the new one
+            self.scheduler.base_lrs = peaks
+            for group, peak in zip(self.optimizer.param_groups, peaks):
+                group["initial_lr"] = peak
+                group["lr"] = peak * self.scheduler.lr_lambdas[0](self.scheduler.last_epoch)
         self.report(f"resumed from {path.name} (step {self.step})")
 
     # ----- validation ---------------------------------------------------------------------
@@ -598,7 +609,7 @@ class Trainer:
                         raise TrainingError(
                             f"{consecutive_bad} non-finite losses in a row at step {self.step}; stopped. "
                             f"The last good checkpoint in {self.run_dir / 'checkpoints'} is intact; "
-                            "--resume with a lower --lr or a longer --warmup")
+                            "--resume with a lower --lr")
                 self.scheduler.step()
                 self.step += 1
                 row = {"step": self.step, "loss": loss.item(), "pet_bpv": terms["pet_bpv"].mean().item(),

@@ -131,3 +131,30 @@ def test_a_demo_that_trains_anew_synthesizes_anew(tmp_path, monkeypatch):
     (tmp_path / "synth" / "sub-002.nii.gz").write_bytes(b"an older model's")
     run_demo(opts, Console(quiet=True), lambda: Progress(disable=True))
     assert synthesized == ["sub-002.nii.gz"]
+
+
+def test_a_run_interrupted_while_finishing_is_finished_by_the_next_demo(tmp_path, monkeypatch):
+    """final.pt without the quality-control statistics (Ctrl-C during the run's last minute) is
+    not a finished run: the demo resumes it rather than synthesizing without QC or temperature."""
+    import medflow.train
+    from rich.console import Console
+    from rich.progress import Progress
+
+    from medflow.checkpoint import write_config
+    from medflow.demo import run_demo
+
+    resumed = []
+
+    class Finishing(Stopped):
+        def __init__(self, opts, reporter):
+            resumed.append(opts.resume)
+
+    monkeypatch.setattr(medflow.train, "Trainer", Finishing)
+    opts = DemoOptions(tmp_path, subjects=2, heldout=1)
+    prepare_demo_data(opts)
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "final.pt").write_bytes(b"weights")
+    write_config(tmp_path / "run", {"settings": {}})
+    with pytest.raises(KeyboardInterrupt):
+        run_demo(opts, Console(quiet=True), lambda: Progress(disable=True))
+    assert resumed == [True]

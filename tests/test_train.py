@@ -105,10 +105,13 @@ def test_a_resumed_run_keeps_its_backward_and_intervals_unless_given(pairs, tmp_
     run = tmp_path / "run"
     quiet_trainer(data=pairs, out=run, steps=2, recompute=True, checkpoint_every=1, val_every=7).run(
         Progress(disable=True))
-    plain = quiet_trainer(data=pairs, out=run, resume=True, steps=3)
+    plain = Trainer(TrainOptions(data=pairs, out=run, resume=True, steps=3, device="cpu"), reporter=lambda m: None)
     assert (plain.opts.recompute, plain.opts.checkpoint_every, plain.opts.val_every) == (True, 1, 7)
+    assert (plain.opts.preset, plain.opts.mri_columns, plain.opts.val_fraction) == ("tiny", ["mri"], 0.0)
     given = quiet_trainer(data=pairs, out=run, resume=True, steps=3, val_every=5)
     assert (given.opts.recompute, given.opts.val_every) == (True, 5)
+    defaults = quiet_trainer(data=pairs, out=run, resume=True, steps=3, recompute=False, checkpoint_every=100)
+    assert (defaults.opts.recompute, defaults.opts.checkpoint_every) == (False, 100), "given equal to the default"
 
 
 def test_a_resumed_run_refuses_other_data_model_or_batch_size(pairs, tmp_path):
@@ -117,6 +120,7 @@ def test_a_resumed_run_refuses_other_data_model_or_batch_size(pairs, tmp_path):
     quiet_trainer(data=pairs, out=run, steps=1, batch_size=2).run(Progress(disable=True))
     other = write_paired_csv(tmp_path / "other", n=3)
     for options, named in (({"batch_size": 1}, "--batch-size 1 (the run's: 2)"),
+                           ({"preset": "small"}, "--preset small (the run's: tiny)"),
                            ({"model_overrides": {"hidden": 4}}, "--set hidden 4 (the run's: 16)"),
                            ({"spacing": 5.0}, "--spacing 5.0 (the run's: 6.0)"),
                            ({"data": other}, f"DATA {other} (the run's: {pairs.resolve()})")):
@@ -134,9 +138,13 @@ def test_a_resumed_run_whose_data_moved_reads_the_commands_data(pairs, tmp_path)
     messages = []
     resumed = Trainer(TrainOptions(data=pairs, out=run, resume=True, steps=2, device="cpu"), reporter=messages.append)
     assert resumed.settings["data"] == str(pairs.resolve()) and any("is gone; reading" in m for m in messages)
+    config["settings"]["data"] = "pairs.csv"  # runs before 782d175 recorded the path as typed
+    write_config(run, config)
+    resumed = Trainer(TrainOptions(data=pairs, out=run, resume=True, steps=2, device="cpu"), reporter=lambda m: None)
+    assert resumed.settings["data"] == str(pairs.resolve())
 
 
-def test_resume_with_a_new_lr_trains_on_at_that_peak(pairs, tmp_path):
+def test_resume_with_a_new_lr_trains_on_at_that_peak(pairs, tmp_path, monkeypatch):
     """The way out of a diverged run that exit 8 names: --resume with a lower --lr. The learning
     rate of the resumed steps follows the new peak on the same schedule; the run records it."""
     run = tmp_path / "run"
@@ -147,7 +155,16 @@ def test_resume_with_a_new_lr_trains_on_at_that_peak(pairs, tmp_path):
         old.unlink()
     resumed = quiet_trainer(data=pairs, out=run, resume=True, lr=1e-4)
     assert resumed.optimizer.param_groups[0]["initial_lr"] == pytest.approx(1e-4)
+    used = []
+    step = resumed.optimizer.step
+
+    def recording_step(*args, **kwargs):
+        used.append(resumed.optimizer.param_groups[0]["lr"])
+        return step(*args, **kwargs)
+
+    monkeypatch.setattr(resumed.optimizer, "step", recording_step)
     resumed.run(Progress(disable=True))
+    assert used == pytest.approx([lr / 10 for lr in full[1:3]]), "the rates the resumed updates used"
     rows = list(csv.DictReader((run / "metrics.csv").open()))
     assert [int(r["step"]) for r in rows[-2:]] == [3, 4]
     assert [float(r["lr"]) for r in rows[-2:]] == pytest.approx([lr / 10 for lr in full[2:]])
@@ -189,16 +206,18 @@ def test_a_second_signal_during_the_last_checkpoint_does_not_lose_it(pairs, tmp_
     assert [load_state(p)["step"] for p in step_checkpoints(run)] == [summary["step"]]
 
 
-def test_a_checkpoint_just_written_is_kept_beside_higher_ones_a_resume_skipped(tmp_path):
-    """A run that restarted below checkpoints it could not load keeps what it writes, and
-    synthesis serves final.pt over a newer step checkpoint that does not load."""
-    for step in (200, 300):
+def test_checkpoints_a_resume_skipped_neither_push_out_new_ones_nor_the_fallback(tmp_path):
+    """A run resumed below a checkpoint it could not load keeps what it writes and the intact
+    checkpoint before it (two of its own, as always), and synthesis serves final.pt over a newer
+    step checkpoint that does not load."""
+    for step in (100, 200, 300):
         save_step(tmp_path, step, {"step": step})
-        (tmp_path / "checkpoints" / f"step-{step:07d}.pt").write_bytes(b"corrupt")
-    path = save_step(tmp_path, 100, {"step": 100})
-    assert path.exists() and load_state(path)["step"] == 100
-    assert [p.name for p in step_checkpoints(tmp_path)] == ["step-0000300.pt", "step-0000100.pt"]
-    save_state(tmp_path / "final.pt", {"step": 150})
+    (tmp_path / "checkpoints" / "step-0000300.pt").write_bytes(b"corrupt")
+    for step in (210, 220):
+        path = save_step(tmp_path, step, {"step": step})
+        assert path.exists() and load_state(path)["step"] == step
+    assert [p.name for p in step_checkpoints(tmp_path)] == ["step-0000300.pt", "step-0000220.pt", "step-0000210.pt"]
+    save_state(tmp_path / "final.pt", {"step": 250})
     assert weights_file(tmp_path)[0].name == "final.pt"
 
 
