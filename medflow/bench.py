@@ -174,7 +174,7 @@ def speed_cases(config: SpeedConfig, device: str) -> list[Case]:
 
 def speed_names(device: str) -> list[str]:
     """Row names of ``speed_cases``, in their order."""
-    names = ["medflow, plain autograd", "medflow, memory-saving backward", "FrEIA peer, plain autograd"]
+    names = ["medflow, plain autograd", "medflow, memory-saving backward", "FrEIA peer, PyTorch's default layout"]
     return names + (["FrEIA peer, channels-last weights"] if device == "cpu" else [])
 
 
@@ -941,13 +941,19 @@ PART_MARK = "<!-- medflow bench: {} -->"
 PART_PATTERN = re.compile(r"^<!-- medflow bench: (\w+) -->\n", re.M)
 
 
-def report_part(device: str, quick: bool, seeds: int, sections: list[str]) -> str:
-    """The part of the report a run writes: its device (``cpu``, ``cuda``), then ``_quick`` for
-    ``--quick``, ``_seeds`` for ``--quality-seeds`` above 1, and the names of its sections where they
-    are not the device's default ones, so that such runs do not replace a standard run's numbers."""
-    part = device + ("_quick" if quick else "") + ("_seeds" if seeds > 1 else "")
-    if seeds == 1 and set(sections) != set(DEFAULT_SECTIONS[device]) - ({"quality"} if quick else set()):
-        part += "_" + "_".join(sections)
+def report_part(args: argparse.Namespace) -> str:
+    """The part of the report a run (``parse_args``) writes: its device (``cpu``, ``cuda``), then
+    ``_quick`` for ``--quick``, ``_seeds`` for ``--quality-seeds`` above 1, the names of its sections
+    where they are not the device's default ones, and ``_stepsN`` / ``_testN`` for a quality section
+    with other ``--quality-steps`` / ``--quality-test-subjects``: such runs do not replace a
+    standard run's numbers."""
+    part = args.device + ("_quick" if args.quick else "") + ("_seeds" if args.quality_seeds > 1 else "")
+    default = set(DEFAULT_SECTIONS[args.device]) - ({"quality"} if args.quick else set())
+    if args.quality_seeds == 1 and set(args.sections) != default:
+        part += "_" + "_".join(args.sections)
+    if "quality" in args.sections:
+        part += f"_steps{args.quality_steps}" if args.quality_steps != QUALITY_STEPS else ""
+        part += f"_test{args.quality_test_subjects}" if args.quality_test_subjects != QUALITY_TEST_SUBJECTS else ""
     return part
 
 
@@ -1090,7 +1096,7 @@ def main(argv: list[str] | None = None) -> None:
     command = shlex.join(["python", "-m", "medflow.bench", *(sys.argv[1:] if argv is None else argv)])
     machine = machine_info()
     title = f"medflow benchmarks on {machine['gpu']}" if device == "cuda" else "medflow benchmarks on CPU"
-    part = report_part(device, args.quick, args.quality_seeds, args.sections)
+    part = report_part(args)
     rerun = "`make bench`" if part == device else "that command"
     if args.quality_seeds > 1:
         title = f"{title}: quality over {args.quality_seeds} seeds"

@@ -75,13 +75,14 @@ def step_of(checkpoint: Path) -> int:
 
 
 def save_step(run_dir: Path, step: int, state: dict, keep: int = 2) -> Path:
-    """Write ``checkpoints/step-N.pt`` and keep it and the newest ``keep - 1`` others (never the
-    one just written, though checkpoints of higher steps, ones a resume skipped, may exist)."""
+    """Write ``checkpoints/step-N.pt`` and keep it and the ``keep - 1`` newest of earlier steps.
+    Checkpoints of later steps (ones a resume skipped as unloadable) are left alone and not
+    counted, so they never push out the one just written or the intact ones before it."""
     folder = Path(run_dir) / CHECKPOINT_DIR
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"step-{step:07d}.pt"
     save_state(path, state)
-    for old in [p for p in step_checkpoints(run_dir) if p != path][keep - 1:]:
+    for old in [p for p in step_checkpoints(run_dir) if step_of(p) < step][keep - 1:]:
         old.unlink(missing_ok=True)
         old.with_name(old.name + ".sha256").unlink(missing_ok=True)
     return path

@@ -11,6 +11,7 @@ Two forms (see README, "Data format"):
 
 from __future__ import annotations
 
+import codecs
 import csv
 import io
 import os
@@ -53,8 +54,9 @@ def read_csv_rows(csv_path: Path) -> tuple[list[str], list[dict[str, str]]]:
         data = Path(csv_path).read_bytes()
     except OSError as exc:
         raise InputError(f"{csv_path}: cannot read CSV ({exc.strerror or exc})") from None
+    data = data.removeprefix(codecs.BOM_UTF8)
     try:
-        text = data.decode("utf-8-sig")
+        text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
         line = data[:exc.start].count(b"\n") + 1
         raise InputError(f"{csv_path}: line {line} is not UTF-8 text (byte 0x{data[exc.start]:02x}); save the "

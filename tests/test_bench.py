@@ -91,7 +91,7 @@ def test_speed_markdown_lists_runs_ratios_and_failures():
                [ok, {"error": "timed out"}, ok, {"error": "out of cpu memory"}]]
     text = bench.speed_markdown(configs, results, "cpu", load="0.5")
     assert "| 1.50 | 0.50 | channels-last weights | 1.00 | 1.00 | 0.50 |" in text and "| 75 % |" in text
-    assert "| n/a | n/a | plain autograd | 1.00 | 1.00 | n/a |" in text
+    assert "| n/a | n/a | PyTorch's default layout | 1.00 | 1.00 | n/a |" in text
     assert "failed: timed out" in text and "failed: out of cpu memory" in text and "--quick" in text
     assert [c.channels_last for c in bench.speed_cases(configs[0], "cpu")] == [False, False, False, True]
     assert [c.impl for c in bench.speed_cases(configs[0], "cuda")] == ["medflow", "medflow", "peer"]
@@ -280,13 +280,16 @@ def test_a_report_path_that_cannot_take_the_report_is_refused_before_anything_ru
     ("cpu", ["--sections", "quality", "--quality-seeds", "3"], "cpu_seeds"),
     ("cuda", [], "cuda"), ("cuda", ["--sections", "speed,tuning,synthesis,batch"], "cuda"),
     ("cuda", ["--sections", "batch"], "cuda_batch"),
+    ("cpu", ["--quality-test-subjects", "8"], "cpu_test8"),
+    ("cpu", ["--sections", "quality", "--quality-seeds", "3", "--quality-steps", "420"], "cpu_seeds_steps420"),
+    ("cpu", ["--sections", "speed", "--quality-steps", "420"], "cpu_speed"),
 ])
 def test_only_a_standard_run_writes_the_device_part(monkeypatch, device, argv, part):
     """``make bench BENCH_ARGS=--quick`` or a run of one section lands beside the standard run's
     numbers, not over them (before, it replaced the whole cpu part, quality section included)."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: device == "cuda")
     args = bench.parse_args(["--device", device, *argv])
-    assert bench.report_part(args.device, args.quick, args.quality_seeds, args.sections) == part
+    assert bench.report_part(args) == part
 
 
 class _TickingClock:
@@ -397,7 +400,8 @@ def test_report_keeps_the_text_before_its_first_part(tmp_path):
 
 
 def test_a_run_over_seeds_writes_its_own_part(tmp_path, monkeypatch):
-    """``--quality-seeds`` above 1 lands in the cpu_seeds part and leaves the standard run's cpu part."""
+    """``--quality-seeds`` above 1 lands in a cpu_seeds part (here with its steps and test subjects)
+    and leaves the standard run's cpu part."""
     report = tmp_path / "BENCHMARKS.md"
     bench.write_report(report, "cpu", "# medflow benchmarks on CPU\nstandard run\n")
     monkeypatch.setattr(bench, "quality_section",
@@ -406,7 +410,7 @@ def test_a_run_over_seeds_writes_its_own_part(tmp_path, monkeypatch):
                 "--quality-test-subjects", "5", "--out", str(report)])
     text = report.read_text()
     assert "standard run" in text and "quality x2 on 5" in text
-    assert "<!-- medflow bench: cpu_seeds -->\n# medflow benchmarks on CPU: quality over 2 seeds" in text
+    assert "<!-- medflow bench: cpu_seeds_steps1_test5 -->\n# medflow benchmarks on CPU: quality over 2 seeds" in text
     assert "re-run that command to refresh" in text
 
 

@@ -49,9 +49,12 @@ def test_excel_csv_with_byte_order_mark_and_spaces_around_names(tmp_path):
 def test_a_csv_in_another_encoding_is_refused_with_its_line(tmp_path):
     """Excel's plain "CSV" on Windows writes cp1252: the error names the line and the way out,
     where the decoder's own message gave a byte offset."""
-    (tmp_path / "list.csv").write_bytes("mri,pet,site\na.nii.gz,b.nii.gz,K\u00f6ln\n".encode("cp1252"))
-    with pytest.raises(InputError, match=r'list.csv: line 2 is not UTF-8 text \(byte 0xf6\); save the file as "CSV UTF-8"'):
-        read_manifest(tmp_path / "list.csv")
+    text = "mri,pet,site\na.nii.gz,b.nii.gz,K\u00f6ln\n".encode("cp1252")
+    for bom in (b"", b"\xef\xbb\xbf"):
+        (tmp_path / "list.csv").write_bytes(bom + text)
+        with pytest.raises(InputError, match=r'list.csv: line 2 is not UTF-8 text \(byte 0xf6\); save the file as '
+                                             r'"CSV UTF-8"'):
+            read_manifest(tmp_path / "list.csv")
 
 
 def test_folder_form_pairs_by_name(tmp_path):

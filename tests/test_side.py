@@ -58,6 +58,15 @@ def test_missing_value_markers_take_the_default_and_infinities_are_refused():
             SideSpec.fit(["age"], ROWS + [{"age": bad}], "train.csv")
 
 
+def test_a_side_column_given_twice_is_refused_and_vectors_have_the_specs_width():
+    """--side-columns age,sex,age made vectors one longer than the model's side channels (an
+    internal error once training started)."""
+    with pytest.raises(InputError, match="train.csv: side-information column\\(s\\) age given twice"):
+        SideSpec.fit(["age", "sex", "age"], ROWS, "train.csv")
+    spec = SideSpec.fit(["age", "sex", "dx"], ROWS, "train.csv")
+    assert len(spec.encode({}, "x")) == spec.width == 1 + 2 + 2
+
+
 def test_gradient_reversal_flips_the_sign():
     x = torch.randn(3, requires_grad=True)
     grad_reverse(x, 2.0).sum().backward()
