@@ -340,3 +340,23 @@ def test_a_head_larger_than_the_model_grid_is_a_quality_warning(trained, tmp_pat
     refused = cli("synthesize", big, tmp_path / "refused.nii.gz", "--model", run, "--strict-qc")
     assert refused.exit_code == 7 and len(refused.stderr.strip().splitlines()) == 1, refused.stderr
     assert not (tmp_path / "refused.nii.gz").exists()
+
+
+def test_qc_slices_are_anatomical_planes_in_true_proportions():
+    """An LPS copy of a RAS volume gives the same pictures, and 3 mm slices are drawn three times
+    as tall as 1 mm pixels are wide (before: voxel order and square pixels)."""
+    import matplotlib.pyplot as plt
+
+    from medflow.qcplot import qc_figure
+
+    volume = np.random.default_rng(0).random((20, 24, 12)).astype(np.float32)
+    ras = np.diag([1.0, 1.0, 3.0, 1.0])
+    lps = ras @ np.array([[-1, 0, 0, 19], [0, -1, 0, 23], [0, 0, 1, 0], [0, 0, 0, 1]], dtype=float)
+    flipped = volume[::-1, ::-1, :]
+    figures = [qc_figure(ras, volume, volume, None), qc_figure(lps, flipped, flipped, None)]
+    images = [[ax.images[0].get_array() for ax in fig.axes if ax.images] for fig in figures]
+    for a, b in zip(*images):
+        assert np.array_equal(a, b)
+    assert [ax.get_aspect() for ax in figures[0].axes[:3]] == [1.0, 3.0, 3.0]
+    for fig in figures:
+        plt.close(fig)
