@@ -209,7 +209,8 @@ def train(
                           f"--steps {summary['step']}", highlight=False)
             raise typer.Exit(130)
 
-    guarded(body, "the checkpoints written so far are kept; --resume continues the run (or finishes it)")
+    guarded(body, "the checkpoints written so far are kept and --resume continues the run (one stopped "
+                  "before its first step wrote nothing)")
 
 
 def _batch_jobs(input_: Path, output: Path, mri_columns: list[str], allow_outside: bool,

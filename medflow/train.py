@@ -303,7 +303,8 @@ class Trainer:
     def _refuse_changes(self, opts: TrainOptions) -> None:
         """InputError for an option a resumed run cannot change (its data, model, preprocessing,
         batch size), given with another value than the run's. The command's DATA and ``--val``
-        replace a recorded path that is gone or was recorded relative (runs before commit 782d175)."""
+        replace a recorded path that is not found from here (a run's data that moved; runs before
+        commit 782d175 recorded paths as typed, relative to where they started)."""
         s = self.settings
         changed = []
         for flag, given, recorded in (
@@ -320,16 +321,14 @@ class Trainer:
                 changed.append(f"{flag} {given} (the run's: {recorded})")
         for name, given, key in (("DATA", opts.data, "data"), ("--val", opts.val, "val")):
             recorded = s.get(key)
-            if given is None or (recorded and Path(given).resolve() == Path(recorded)):
+            if given is None or (recorded and Path(given).resolve() == Path(recorded).resolve()):
                 continue
-            if not recorded:
-                changed.append(f"{name} {given} (the run's: none)")
-            elif Path(recorded).is_absolute() and Path(recorded).exists():
-                changed.append(f"{name} {given} (the run's: {recorded})")
-            else:
-                if Path(recorded).is_absolute() and self.dist.is_main:
-                    self.report(f"the run's {name} {recorded} is gone; reading {given}")
-                s[key] = str(Path(given).resolve())
+            if not recorded or Path(recorded).exists():
+                changed.append(f"{name} {given} (the run's: {recorded or 'none'})")
+                continue
+            if self.dist.is_main:
+                self.report(f"the run's {name} {recorded} is not found from here; reading {given}")
+            s[key] = str(Path(given).resolve())
         if changed:
             raise InputError(f"a resumed run keeps its data, model and batch size: {'; '.join(changed)}. Drop "
                              "these options, or start a new run with another --out")
@@ -508,7 +507,9 @@ class Trainer:
         self.best_val = float(state["best_val"])
         self.nonfinite_skipped = int(state.get("nonfinite_skipped", 0))
         self.elapsed_before = self.clock = float(state.get("elapsed", 0.0))
-        if self.opts.lr is not None or self.opts.warmup is not None:  # the schedule from here on is the new one
+        # A new --lr or --warmup, given now or recorded by a resumed run that saved no checkpoint.
+        changed = peaks != [group["initial_lr"] for group in self.optimizer.param_groups]
+        if changed or self.opts.lr is not None or self.opts.warmup is not None:
             self.scheduler.base_lrs = peaks
             for group, peak in zip(self.optimizer.param_groups, peaks):
                 group["initial_lr"] = peak

@@ -5,6 +5,7 @@ import hashlib
 import os
 import pickle
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -137,7 +138,7 @@ def test_a_resumed_run_whose_data_moved_reads_the_commands_data(pairs, tmp_path)
     write_config(run, config)
     messages = []
     resumed = Trainer(TrainOptions(data=pairs, out=run, resume=True, steps=2, device="cpu"), reporter=messages.append)
-    assert resumed.settings["data"] == str(pairs.resolve()) and any("is gone; reading" in m for m in messages)
+    assert resumed.settings["data"] == str(pairs.resolve()) and any("is not found from here; reading" in m for m in messages)
     config["settings"]["data"] = "pairs.csv"  # runs before 782d175 recorded the path as typed
     write_config(run, config)
     resumed = Trainer(TrainOptions(data=pairs, out=run, resume=True, steps=2, device="cpu"), reporter=lambda m: None)
@@ -663,3 +664,69 @@ def test_explicit_gpus_are_checked_against_the_machine_and_the_torchrun_job(monk
                                        ("cuda:x", 0, 1, "unknown device 'cuda:x'")):
         with pytest.raises(ResourceError, match=re.escape(problem)):
             resolve_device(name, rank, world)
+
+
+def test_a_new_lr_on_a_time_limited_resume_follows_the_clock_from_its_first_update(pairs, tmp_path, monkeypatch):
+    """Under --time-limit the schedule follows the training clock: the first resumed update runs
+    at the new peak times the cosine at the time already trained (before, the clock was still 0
+    then, so it ran at the full new peak), and so does a plain --resume after a run that recorded
+    the new --lr but died before its first checkpoint."""
+    clock = SimpleNamespace(now=100.0)
+    monkeypatch.setattr(medflow.train, "time", SimpleNamespace(monotonic=lambda: clock.now))
+    original = Trainer.train_batch
+
+    def half_second_batch(self, step):
+        clock.now += 0.5
+        return original(self, step)
+
+    monkeypatch.setattr(Trainer, "train_batch", half_second_batch)
+
+    def train(run, **options) -> list[float]:
+        trainer = quiet_trainer(data=pairs, out=run, time_limit=4.0, checkpoint_every=4, **options)
+        used, step = [], trainer.optimizer.step
+
+        def recording_step(*args, **kwargs):
+            used.append(trainer.optimizer.param_groups[0]["lr"])
+            return step(*args, **kwargs)
+
+        monkeypatch.setattr(trainer.optimizer, "step", recording_step)
+        trainer.run(Progress(disable=True))
+        return used
+
+    full = train(tmp_path / "full", lr=1e-3, warmup=1)
+    run = tmp_path / "run"
+    train(run, lr=1e-3, warmup=1)
+    for path in [*step_checkpoints(run)[:1], run / "final.pt"]:
+        path.unlink()
+    assert load_state(step_checkpoints(run)[0])["step"] == 4
+    died = tmp_path / "died"
+    shutil.copytree(run, died)
+    resumed = train(run, resume=True, lr=1e-4)
+    assert resumed[0] == pytest.approx(full[4] / 10) and resumed[0] < 0.9e-4
+    config = read_config(died)  # a --resume --lr 1e-4 that recorded the rate and died before a checkpoint
+    config["settings"]["train"]["lr"] = 1e-4
+    write_config(died, config)
+    assert train(died, resume=True) == pytest.approx(resumed)
+
+
+def test_train_flags_not_given_reach_the_trainer_as_not_given(pairs, tmp_path, monkeypatch):
+    """None lets a resumed run keep its own value; --no-bf16 and --no-memory-saving say False."""
+    from typer.testing import CliRunner
+
+    from medflow.cli import app
+
+    seen = []
+
+    class Captured:
+        def __init__(self, opts, reporter):
+            seen.append(opts)
+            raise InputError("captured")
+
+    monkeypatch.setattr(medflow.train, "Trainer", Captured)
+    for flags, expected in (([], (None, None, None, None, None, None)),
+                            (["--no-bf16", "--memory-saving", "--checkpoint-every", "100", "--preset", "small",
+                              "--mri-columns", "mri"], (False, True, 100, "small", ["mri"], None))):
+        result = CliRunner().invoke(app, ["train", str(pairs), "--out", str(tmp_path / "run"), *flags])
+        assert result.exit_code == 3, result.output
+        o = seen[-1]
+        assert (o.bf16, o.recompute, o.checkpoint_every, o.preset, o.mri_columns, o.val_fraction) == expected
