@@ -156,14 +156,7 @@ def test_resume_with_a_new_lr_trains_on_at_that_peak(pairs, tmp_path, monkeypatc
         old.unlink()
     resumed = quiet_trainer(data=pairs, out=run, resume=True, lr=1e-4)
     assert resumed.optimizer.param_groups[0]["initial_lr"] == pytest.approx(1e-4)
-    used = []
-    step = resumed.optimizer.step
-
-    def recording_step(*args, **kwargs):
-        used.append(resumed.optimizer.param_groups[0]["lr"])
-        return step(*args, **kwargs)
-
-    monkeypatch.setattr(resumed.optimizer, "step", recording_step)
+    used = rates_used(monkeypatch, resumed)
     resumed.run(Progress(disable=True))
     assert used == pytest.approx([lr / 10 for lr in full[1:3]]), "the rates the resumed updates used"
     rows = list(csv.DictReader((run / "metrics.csv").open()))
@@ -495,10 +488,8 @@ def test_lr_factor_warmup_then_cosine_to_ten_percent():
     assert lr_factor(10, 4, 3.0) == pytest.approx(0.1)
 
 
-def test_time_limit_decays_lr_and_counts_across_resume(pairs, tmp_path, monkeypatch):
-    """With --time-limit and no step count the cosine follows the elapsed training time, and a
-    resumed run only trains for what is left of the budget. The trainer's clock is replaced by
-    one on which every training batch takes exactly 0.5 s, so the test does not depend on speed."""
+def half_second_batches(monkeypatch) -> None:
+    """Replace the trainer's clock by one on which every training batch takes exactly 0.5 s."""
     clock = SimpleNamespace(now=100.0)
     monkeypatch.setattr(medflow.train, "time", SimpleNamespace(monotonic=lambda: clock.now))
     original = Trainer.train_batch
@@ -508,6 +499,25 @@ def test_time_limit_decays_lr_and_counts_across_resume(pairs, tmp_path, monkeypa
         return original(self, step)
 
     monkeypatch.setattr(Trainer, "train_batch", half_second_batch)
+
+
+def rates_used(monkeypatch, trainer: Trainer) -> list[float]:
+    """The learning rates of the updates ``trainer`` will make, filled in as it makes them."""
+    used, step = [], trainer.optimizer.step
+
+    def recording_step(*args, **kwargs):
+        used.append(trainer.optimizer.param_groups[0]["lr"])
+        return step(*args, **kwargs)
+
+    monkeypatch.setattr(trainer.optimizer, "step", recording_step)
+    return used
+
+
+def test_time_limit_decays_lr_and_counts_across_resume(pairs, tmp_path, monkeypatch):
+    """With --time-limit and no step count the cosine follows the elapsed training time, and a
+    resumed run only trains for what is left of the budget. The trainer's clock is replaced by
+    one on which every training batch takes exactly 0.5 s, so the test does not depend on speed."""
+    half_second_batches(monkeypatch)
     run = tmp_path / "timed"
 
     def train(resume: bool) -> Trainer:
@@ -671,25 +681,11 @@ def test_a_new_lr_on_a_time_limited_resume_follows_the_clock_from_its_first_upda
     at the new peak times the cosine at the time already trained (before, the clock was still 0
     then, so it ran at the full new peak), and so does a plain --resume after a run that recorded
     the new --lr but died before its first checkpoint."""
-    clock = SimpleNamespace(now=100.0)
-    monkeypatch.setattr(medflow.train, "time", SimpleNamespace(monotonic=lambda: clock.now))
-    original = Trainer.train_batch
-
-    def half_second_batch(self, step):
-        clock.now += 0.5
-        return original(self, step)
-
-    monkeypatch.setattr(Trainer, "train_batch", half_second_batch)
+    half_second_batches(monkeypatch)
 
     def train(run, **options) -> list[float]:
         trainer = quiet_trainer(data=pairs, out=run, time_limit=4.0, checkpoint_every=4, **options)
-        used, step = [], trainer.optimizer.step
-
-        def recording_step(*args, **kwargs):
-            used.append(trainer.optimizer.param_groups[0]["lr"])
-            return step(*args, **kwargs)
-
-        monkeypatch.setattr(trainer.optimizer, "step", recording_step)
+        used = rates_used(monkeypatch, trainer)
         trainer.run(Progress(disable=True))
         return used
 
