@@ -359,7 +359,9 @@ def medflow_variants(tm) -> dict[str, tuple[float, int]]:
     variants = {f"medflow, mean of {n} samples, {default}": (tm.temperature, n)}
     if tm.temperature != 0.5:
         variants[f"medflow, mean of {n} samples, T=0.5"] = (0.5, n)
-    return {**variants, "medflow, T=0 (prior mean)": (0.0, 1), f"medflow, single sample, {default}": (tm.temperature, 1)}
+    variants["medflow, T=0 (prior mean)"] = (0.0, 1)
+    variants[f"medflow, single sample, {default}"] = (tm.temperature, 1)
+    return variants
 
 
 def score_test_subjects(tm, unets: dict, subjects, folder: Path, device: torch.device, levels) -> dict:
@@ -1005,7 +1007,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "(BENCHMARKS.md gives the time such a run took)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                         help="device of every section; the report keeps one part per device (cpu, cuda), and "
-                             "one beside it for a --quick run, a run over seeds and a run of other sections")
+                             "one beside it for each other kind of run (--quick, over seeds, other sections, "
+                             "other quality settings)")
     args = parser.parse_args(argv)
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"

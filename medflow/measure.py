@@ -125,7 +125,6 @@ def build_model(case: Case, device: torch.device) -> torch.nn.Module:
         peer = PeerDualGlow.from_preset(case.preset, tuple(case.shape), **case.overrides).to(device)
         return peer.to(memory_format=torch.channels_last_3d) if case.channels_last else peer
     from medflow.device import place_model
-
     from medflow.model import DualGlow
 
     model = DualGlow.from_preset(case.preset, **case.overrides)

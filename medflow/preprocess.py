@@ -6,7 +6,8 @@ the foreground box (+ margin) of the first MRI contrast -> [with ``pet_normaliza
 global_mean``: PET divided by its SPM-style global mean].
 Stage 2: pad/crop to the model ``grid`` (a multiple of 2^levels) -> [training only:
 small random affine] -> MRI scaled per volume so that the 0th..99.5th percentiles of the
-padded grid (zero padding included) map to [-0.5, 0.5] (clipped) -> PET divided by the training set's ``pet_scale`` and shifted by
+padded grid (zero padding included) map to [-0.5, 0.5] (clipped) -> PET divided by the
+training set's ``pet_scale`` and shifted by
 -0.5 -> [training only: MRI intensity jitter and noise]. Synthesis runs both stages on
 the MRI and inverts stage 1 and the padding on the synthetic PET with MONAI's ``Invertd``
 (trilinear, not nearest neighbour), which puts the PET back on the input's own grid.

@@ -54,7 +54,7 @@ class SideSpec:
     @classmethod
     def fit(cls, columns: list[str], rows: list[dict[str, str]], source: str) -> "SideSpec":
         """Learn encodings from training rows (each a dict of column -> text), missing values left out."""
-        repeated = sorted({c for c in columns if list(columns).count(c) > 1})
+        repeated = sorted(c for c, n in Counter(columns).items() if n > 1)
         if repeated:
             raise InputError(f"{source}: side-information column(s) {', '.join(repeated)} given twice")
         spec = cls(list(columns))

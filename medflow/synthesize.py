@@ -155,6 +155,6 @@ def synthesize_file(tm: TrainedModel, mri_paths: list[Path], out: Path, opts: Sy
         if qc_png is not None:
             from medflow.qcplot import save_qc_png
 
-            save_qc_png(tmps[-1], reference.affine, reference.data, mean, std, title=f"{mri_paths[0].name}  T={temperature:g} "
-                        f"N={opts.samples}")
+            save_qc_png(tmps[-1], reference.affine, reference.data, mean, std,
+                        title=f"{mri_paths[0].name}  T={temperature:g} N={opts.samples}")
     return SynthesisResult(temperature, bpv, z, qc_warnings, time.monotonic() - start)

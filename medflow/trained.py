@@ -43,9 +43,8 @@ def weights_file(run_dir: Path) -> tuple[Path, dict]:
     if (run_dir / "best.pt").exists():
         return run_dir / "best.pt", load_state(run_dir / "best.pt")
     final = load_state(run_dir / "final.pt") if (run_dir / "final.pt").exists() else None
-    if final is not None and all(step_of(path) <= final["step"] for path in step_checkpoints(run_dir)):
-        return run_dir / "final.pt", final
-    found = latest_valid_step(run_dir)
+    newer = final is None or any(step_of(path) > final["step"] for path in step_checkpoints(run_dir))
+    found = latest_valid_step(run_dir) if newer else None
     if final is not None and (found is None or found[1]["step"] <= final["step"]):
         return run_dir / "final.pt", final
     if found is None:
