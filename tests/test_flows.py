@@ -17,7 +17,8 @@ from medflow.flows import (
     InvConv1x1x1, Squeeze3d,
 )
 from medflow.flows.conv import Conv3d
-from medflow.flows.injector import RecomputedUnit, onednn_convolutions, per_channel_group_norm
+from medflow.flows.injector import RecomputedUnit, onednn_convolutions, per_channel_norms
+from medflow.flows.norm import PerChannelNorm
 from tests.old_invconv_layout import separate_factor_entries
 
 SHAPE = (1, 2, 4, 4, 4)
@@ -429,7 +430,7 @@ def test_injector_mean_beta_changes_training_steps_not_the_model():
     assert not torch.allclose(first, weighted.net[0].weight.grad, rtol=1e-3, atol=0)
 
 
-def test_per_channel_group_norm_is_monais_instance_norm_unet_in_both_layouts():
+def test_per_channel_norms_are_monais_instance_norm_unet_in_both_layouts():
     """Oracle: MONAI's BasicUNet with its instance norms, float64, a batch of 2. The converted copy
     has the same state-dict keys, loads the original's weights and gives the same output, also
     with the input and weights channels-last (the CPU layout of ``device.place_model``)."""
@@ -437,9 +438,9 @@ def test_per_channel_group_norm_is_monais_instance_norm_unet_in_both_layouts():
 
     torch.manual_seed(0)
     original = perturb(BasicUNet(3, 2, 2, features=(4, 4, 8, 8, 16, 4)).double(), scale=0.05)
-    converted = per_channel_group_norm(copy.deepcopy(original))
+    converted = per_channel_norms(copy.deepcopy(original))
     assert not any(isinstance(m, torch.nn.InstanceNorm3d) for m in converted.modules())
-    assert sum(isinstance(m, torch.nn.GroupNorm) for m in converted.modules()) == 18
+    assert sum(isinstance(m, PerChannelNorm) for m in converted.modules()) == 18
     assert converted.state_dict().keys() == original.state_dict().keys()
     converted.load_state_dict(original.state_dict())
     x = torch.randn(2, 2, 32, 32, 32, dtype=torch.float64)
@@ -447,6 +448,32 @@ def test_per_channel_group_norm_is_monais_instance_norm_unet_in_both_layouts():
     torch.testing.assert_close(converted(x), expected, rtol=0, atol=1e-10)
     channels_last = converted.to(memory_format=torch.channels_last_3d)
     torch.testing.assert_close(channels_last(x.to(memory_format=torch.channels_last_3d)), expected, rtol=0, atol=1e-10)
+    one = x[:1].to(memory_format=torch.channels_last_3d)
+    torch.testing.assert_close(channels_last(one), original(x[:1]), rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("dtype, tolerance", [(torch.float64, 1e-12), (torch.float32, 2e-5)])
+@pytest.mark.parametrize("affine", [True, False])
+def test_per_channel_norm_as_batch_norm_is_instance_norm_with_its_gradients(dtype, tolerance, affine):
+    """Oracle: ``torch.nn.InstanceNorm3d`` on a contiguous copy. A batch-1 channels-last volume
+    (the route through batch norm) gives its output and gradients for input, weight and bias."""
+    torch.manual_seed(0)
+    reference = torch.nn.InstanceNorm3d(6, affine=affine, dtype=dtype)
+    if affine:
+        perturb(reference, scale=0.5)
+    ours = PerChannelNorm(6, affine=affine, dtype=dtype)
+    ours.load_state_dict(reference.state_dict())
+    x = (3.0 + 2.0 * torch.randn(1, 6, 10, 12, 8, dtype=dtype)).to(memory_format=torch.channels_last_3d)
+    assert ours._runs_as_batch_norm(x) and not ours._runs_as_batch_norm(x.contiguous())
+    x_ours, x_ref = x.clone().requires_grad_(), x.contiguous().requires_grad_()
+    y, y_ref = ours(x_ours), reference(x_ref)
+    grad = torch.randn_like(y_ref)
+    y.backward(grad)
+    y_ref.backward(grad)
+    torch.testing.assert_close(y, y_ref, rtol=0, atol=tolerance)
+    torch.testing.assert_close(x_ours.grad, x_ref.grad, rtol=0, atol=tolerance)
+    for p, p_ref in zip(ours.parameters(), reference.parameters()):
+        torch.testing.assert_close(p.grad, p_ref.grad, rtol=0, atol=tolerance * 100)
 
 
 def test_onednn_convolutions_are_monais_unet_with_its_gradients():
@@ -479,18 +506,18 @@ def test_onednn_convolutions_are_monais_unet_with_its_gradients():
         torch.testing.assert_close(p.grad, p_ref.grad, rtol=0, atol=1e-5 * scale, msg=name)
 
 
-def test_unet_injector_runs_group_norms_and_medflow_convolutions():
+def test_unet_injector_runs_per_channel_norms_and_medflow_convolutions():
     net = ConditionalAffine(1, 1, 4, net="unet").net
     assert not any(isinstance(m, torch.nn.InstanceNorm3d) for m in net.modules())
-    norms = [m for m in net.modules() if isinstance(m, torch.nn.GroupNorm)]
+    norms = [m for m in net.modules() if isinstance(m, PerChannelNorm)]
     assert len(norms) == 18 and all(m.num_groups == m.num_channels for m in norms)
     convs = [m for m in net.modules() if isinstance(m, torch.nn.Conv3d)]
     assert len(convs) == 19 and all(isinstance(m, Conv3d) for m in convs)
 
 
-def test_per_channel_group_norm_refuses_running_statistics():
+def test_per_channel_norms_refuse_running_statistics():
     with pytest.raises(ModelError, match="running statistics"):
-        per_channel_group_norm(torch.nn.Sequential(torch.nn.InstanceNorm3d(4, track_running_stats=True)))
+        per_channel_norms(torch.nn.Sequential(torch.nn.InstanceNorm3d(4, track_running_stats=True)))
 
 
 def test_unet_injector_refuses_a_grid_below_its_minimum():

@@ -12,6 +12,7 @@ from medflow.errors import ModelError
 from medflow.flows.base import InvertibleModule
 from medflow.flows.conv import Conv3d
 from medflow.flows.coupling import coupling_subnet, soft_clamp
+from medflow.flows.norm import PerChannelNorm
 from medflow.gradient import scale_gradient
 
 
@@ -30,22 +31,22 @@ def _replace_modules(net: nn.Module, kind: type, convert) -> nn.Module:
     return net
 
 
-def _group_norm_like(name: str, norm: nn.InstanceNorm3d) -> nn.GroupNorm:
-    """A ``GroupNorm`` of one group per channel with ``norm``'s settings, device, dtype and weights."""
+def _per_channel_norm_like(name: str, norm: nn.InstanceNorm3d) -> PerChannelNorm:
+    """A ``PerChannelNorm`` with ``norm``'s settings, device, dtype and weights."""
     if norm.track_running_stats:
         raise ModelError(f"{name}: an instance norm with running statistics has no group-norm equivalent")
     like = {"device": norm.weight.device, "dtype": norm.weight.dtype} if norm.affine else {}
-    group_norm = nn.GroupNorm(norm.num_features, norm.num_features, eps=norm.eps, affine=norm.affine, **like)
-    group_norm.load_state_dict(norm.state_dict())
-    return group_norm
+    per_channel = PerChannelNorm(norm.num_features, eps=norm.eps, affine=norm.affine, **like)
+    per_channel.load_state_dict(norm.state_dict())
+    return per_channel
 
 
-def per_channel_group_norm(net: nn.Module) -> nn.Module:
-    """``net`` with every ``InstanceNorm3d`` replaced, in place, by a ``GroupNorm`` with one group per
-    channel: the same normalisation (per volume and channel), parameters and state-dict keys. PyTorch's
-    instance norm copies a channels-last input to contiguous and back (``device.place_model``
-    stores CPU models channels-last); its group norm keeps the layout."""
-    return _replace_modules(net, nn.InstanceNorm3d, _group_norm_like)
+def per_channel_norms(net: nn.Module) -> nn.Module:
+    """``net`` with every ``InstanceNorm3d`` replaced, in place, by a ``PerChannelNorm``: the same
+    normalisation (per volume and channel), parameters and state-dict keys. PyTorch's instance norm
+    copies a channels-last input to contiguous and back (``device.place_model`` stores CPU models
+    channels-last); ``PerChannelNorm`` keeps the layout."""
+    return _replace_modules(net, nn.InstanceNorm3d, _per_channel_norm_like)
 
 
 def onednn_convolutions(net: nn.Module) -> nn.Module:
@@ -81,9 +82,9 @@ def recomputable_units(net: nn.Module) -> nn.Module:
 
 
 def unet_with_medflow_layers(net: nn.Module) -> nn.Module:
-    """A MONAI U-Net with the layers medflow runs it with (``per_channel_group_norm``,
+    """A MONAI U-Net with the layers medflow runs it with (``per_channel_norms``,
     ``onednn_convolutions``, ``recomputable_units``): the same function and parameters, in place."""
-    return recomputable_units(onednn_convolutions(per_channel_group_norm(net)))
+    return recomputable_units(onednn_convolutions(per_channel_norms(net)))
 
 
 def injector_subnet(kind: str, in_channels: int, hidden: int, out_channels: int) -> nn.Module:
