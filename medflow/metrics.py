@@ -9,10 +9,13 @@ Conventions (stated in the README and in ``medflow evaluate --help``):
 * PSNR = 10 log10(data_range^2 / MSE), MSE over the mask voxels, in dB. Identical images (MSE 0)
   give ``PSNR_CAP`` = 999 dB, a finite value, since JSON has no infinity.
 * SSIM = 3D SSIM map of scikit-image (Wang et al. 2004: Gaussian window sigma 1.5 truncated at
-  3.5 sigma, i.e. 11 voxels wide; K1 0.01, K2 0.03; population covariances) averaged over the mask
+  3.5 sigma, i.e. 11 voxels wide; K1 0.01, K2 0.03; population covariances) of both volumes with
+  every voxel outside the mask set to 0 (as skull-stripped volumes are), averaged over the mask
   voxels at least 5 voxels (the window radius) from the volume's edge, where the window does not
-  see the mirrored padding. With a mask of ones this is exactly scikit-image's mean SSIM. Every
-  side of the volume must have at least 11 voxels.
+  see the mirrored padding. So SSIM, like the other metrics, depends only on the voxels inside the
+  mask: a prediction equal to the reference there scores 1, whatever it holds outside. With a mask
+  of ones this is exactly scikit-image's mean SSIM. Every side of the volume must have at least 11
+  voxels.
 * NMSE = sum (pred - ref)^2 / sum ref^2 over the mask (dimensionless).
 * MAE = mean |pred - ref| over the mask, in the reference's units.
 """
@@ -36,8 +39,8 @@ CONVENTIONS = {
             "(3x3x3 cross, 2 iterations), holes filled",
     "data_range": "max - min of the reference inside the mask unless given",
     "psnr": f"10 log10(data_range^2 / MSE over the mask) in dB, {PSNR_CAP:g} for identical images",
-    "ssim": f"scikit-image 3D SSIM (Gaussian sigma {SSIM_SIGMA}, K1 0.01, K2 0.03) averaged over the mask "
-            f"voxels at least {SSIM_RADIUS} voxels from the edge",
+    "ssim": f"scikit-image 3D SSIM (Gaussian sigma {SSIM_SIGMA}, K1 0.01, K2 0.03) of both volumes set to 0 "
+            f"outside the mask, averaged over the mask voxels at least {SSIM_RADIUS} voxels from the edge",
     "nmse": "sum (pred - ref)^2 / sum ref^2 over the mask",
     "mae": "mean |pred - ref| over the mask, reference units",
 }
@@ -76,8 +79,9 @@ def _ssim(pred: np.ndarray, ref: np.ndarray, mask: np.ndarray, data_range: float
     if min(ref.shape) < SSIM_MIN_SIDE:
         raise ValueError(f"volume of shape {ref.shape} is too small for 3D SSIM: every side needs at least "
                          f"{SSIM_MIN_SIDE} voxels (Gaussian window sigma {SSIM_SIGMA})")
-    _, ssim_map = structural_similarity(ref, pred, data_range=data_range, full=True, gaussian_weights=True,
-                                        sigma=SSIM_SIGMA, use_sample_covariance=False)
+    _, ssim_map = structural_similarity(np.where(mask, ref, 0.0), np.where(mask, pred, 0.0), data_range=data_range,
+                                        full=True, gaussian_weights=True, sigma=SSIM_SIGMA,
+                                        use_sample_covariance=False)
     inner = np.zeros_like(mask)
     inner[tuple(slice(SSIM_RADIUS, side - SSIM_RADIUS) for side in mask.shape)] = True
     inside = mask & inner

@@ -91,16 +91,38 @@ def test_identical_images():
     assert result["mae"] == 0.0
 
 
-def test_ssim_uses_the_mask():
+@pytest.mark.parametrize("outside", ["other volume", "zero"])
+def test_ssim_sees_only_the_mask(outside):
+    """A prediction equal to the reference inside the mask scores 1 whatever it holds outside,
+    also right at the mask's edge, where the windows reach outside."""
     ref = smooth_volume(4)
     mask = np.zeros(SHAPE, dtype=bool)
     mask[:, :14, :] = True
     pred = ref.copy()
-    pred[~mask] = smooth_volume(5)[~mask]
+    pred[~mask] = smooth_volume(5)[~mask] if outside == "other volume" else 0.0
     inside_only = compute_metrics(pred, ref, mask)
     full = compute_metrics(pred, ref, np.ones(SHAPE, dtype=bool))
-    assert full["ssim"] < inside_only["ssim"] - 0.1
+    assert inside_only["ssim"] == pytest.approx(1.0, abs=1e-12)
+    assert full["ssim"] < 0.9
     assert inside_only["mae"] == 0.0
+
+
+def test_masked_ssim_is_skimage_of_the_masked_volumes_over_the_inner_mask(pair):
+    """Oracle: scikit-image's SSIM map of both volumes zeroed outside the mask, averaged over the
+    mask voxels whose window does not reach the volume's edge (radius 5)."""
+    pred, ref = pair
+    mask = box_mask()
+    mask[8:12, 9:13, 7:10] = False
+    data_range = data_range_of(ref, mask)
+    _, ssim_map = structural_similarity(np.where(mask, ref, 0).astype(np.float64),
+                                        np.where(mask, pred, 0).astype(np.float64), data_range=data_range,
+                                        full=True, gaussian_weights=True, sigma=1.5, use_sample_covariance=False)
+    inner = np.zeros(SHAPE, dtype=bool)
+    inner[5:-5, 5:-5, 5:-5] = True
+    expected = float(np.mean(ssim_map[mask & inner]))
+    assert compute_metrics(pred, ref, mask)["ssim"] == pytest.approx(expected, abs=1e-12)
+    other_outside = np.where(mask, pred, 100.0 * smooth_volume(6))
+    assert compute_metrics(other_outside, ref, mask)["ssim"] == pytest.approx(expected, abs=1e-12)
 
 
 def test_reference_mask_is_the_filled_foreground():
