@@ -2,11 +2,13 @@
 
 Stage 1 (deterministic, cached during training): load -> channel first -> MRI to RAS,
 resampled to ``spacing`` mm -> PET resampled onto that grid by world coordinates -> crop to
-the foreground box (+ margin) of the first MRI contrast -> [with ``pet_normalization:
+the foreground box (+ margin) of the first MRI contrast -> the MRI's 0th and 99.5th
+percentiles per contrast over that box recorded (``MriRanged``) -> [with ``pet_normalization:
 global_mean``: PET divided by its SPM-style global mean].
 Stage 2: pad/crop to the model ``grid`` (a multiple of 2^levels) -> [training only:
-small random affine] -> MRI scaled per volume so that the 0th..99.5th percentiles of the
-padded grid (zero padding included) map to [-0.5, 0.5] (clipped) -> PET divided by the
+small random affine] -> MRI scaled per volume so that the recorded percentiles map to
+[-0.5, 0.5] (clipped; models trained before ``Preprocessing.mri_scaling`` existed take the
+percentiles of the padded grid, zero padding included) -> PET divided by the
 training set's ``pet_scale`` and shifted by
 -0.5 -> [training only: MRI intensity jitter and noise]. Synthesis runs both stages on
 the MRI and inverts stage 1 and the padding on the synthetic PET with MONAI's ``Invertd``
@@ -21,6 +23,8 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 from monai.data import MetaTensor
+from monai.transforms.utils_pytorch_numpy_unification import percentile
+from monai.utils import convert_to_dst_type, convert_to_tensor
 from monai.transforms import (
     Compose,
     CropForegroundd,
@@ -32,6 +36,7 @@ from monai.transforms import (
     RandShiftIntensityd,
     ResampleToMatch,
     ResizeWithPadOrCropd,
+    ScaleIntensityRange,
     ScaleIntensityRanged,
     ScaleIntensityRangePercentilesd,
     Spacingd,
@@ -42,6 +47,7 @@ from medflow.imageio import Volume, read_volume
 
 FOREGROUND_FRACTION = 0.1
 MRI_PERCENTILES = (0.0, 99.5)
+MRI_SCALINGS = ("foreground_box", "padded_grid")
 PET_NORMALIZATIONS = ("global_mean", "none")
 PET_ZERO = -0.5  # zero uptake in model space: the model's PET is uptake / pet_scale + PET_ZERO
 
@@ -58,7 +64,11 @@ class Preprocessing:
     over the training set; 1.0 without normalisation); pet_level_moments: over the training
     subjects' level ratios r (global mean / ``pet_level``), the mean of r² and of (r - 1)²,
     which carry the spread of a level the MRI does not show into the uncertainty map
-    (``calibration.with_level_spread``); (1, 0) without normalisation.
+    (``calibration.with_level_spread``); (1, 0) without normalisation; mri_scaling: where the
+    MRI's percentiles for its scaling to [-0.5, 0.5] come from: ``foreground_box``, the MRI
+    cropped to its foreground box (+ margin), so a head is scaled alike in any grid, or
+    ``padded_grid``, the padded grid with its zero padding, where a smaller head in the same grid
+    comes out brighter (what models trained before this field existed use).
     """
 
     spacing: tuple[float, float, float]
@@ -68,6 +78,11 @@ class Preprocessing:
     pet_normalization: str = "none"
     pet_level: float = 1.0
     pet_level_moments: tuple[float, float] = (1.0, 0.0)
+    mri_scaling: str = "foreground_box"
+
+    def __post_init__(self):
+        if self.mri_scaling not in MRI_SCALINGS:
+            raise ValueError(f"unknown mri_scaling {self.mri_scaling!r}; expected one of {', '.join(MRI_SCALINGS)}")
 
     def to_dict(self) -> dict:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
@@ -77,7 +92,8 @@ class Preprocessing:
         return cls(tuple(float(s) for s in values["spacing"]), tuple(int(g) for g in values["grid"]),
                    float(values["pet_scale"]), int(values.get("margin", 2)),
                    str(values.get("pet_normalization", "none")), float(values.get("pet_level", 1.0)),
-                   tuple(float(m) for m in values.get("pet_level_moments", (1.0, 0.0))))
+                   tuple(float(m) for m in values.get("pet_level_moments", (1.0, 0.0))),
+                   str(values.get("mri_scaling", "padded_grid")))
 
 
 def _high_percentile(image: torch.Tensor) -> torch.Tensor:
@@ -146,6 +162,37 @@ class LoadVolumesd(MapTransform):
         return d
 
 
+class MriRanged(MapTransform):
+    """Record ``d["mri_range"]``: the MRI's ``MRI_PERCENTILES`` (0th, 99.5th) per contrast over the
+    volume as it is now, a float64 tensor [C, 2] in the MRI's units."""
+
+    def __init__(self):
+        super().__init__("mri")
+
+    def __call__(self, data):
+        d = dict(data)
+        mri = convert_to_tensor(d["mri"], track_meta=False)
+        d["mri_range"] = torch.tensor([[float(percentile(channel, q)) for q in MRI_PERCENTILES] for channel in mri],
+                                      dtype=torch.float64)
+        return d
+
+
+class ScaleMriRanged(MapTransform):
+    """Each MRI contrast's recorded ``d["mri_range"]`` (``MriRanged``) mapped to [-0.5, 0.5], clipped."""
+
+    def __init__(self):
+        super().__init__("mri")
+
+    def __call__(self, data):
+        d = dict(data)
+        mri = convert_to_tensor(d["mri"], track_meta=False)
+        scaled = torch.stack([ScaleIntensityRange(low, high, -0.5, 0.5, clip=True)(channel)
+                              for channel, (low, high) in zip(mri, d["mri_range"].tolist())])
+        d["mri"] = convert_to_dst_type(convert_to_tensor(scaled, track_meta=False), dst=d["mri"],
+                                       dtype=torch.float32)[0]
+        return d
+
+
 def global_region(pet: torch.Tensor) -> torch.Tensor:
     """SPM's global-mean region (``spm_global``): the voxels above 1/8 of the volume's mean (bool,
     same shape)."""
@@ -188,8 +235,8 @@ class NormalizeGlobalMeand(MapTransform):
 def stage1(spacing, margin: int, keys=("mri", "pet"), load: bool = True, pet_normalization: str = "none") -> Compose:
     """Load (optional), reorient the MRI to RAS and resample it, resample the PET onto its grid
     (``PetOnMriGridd``), crop to the first MRI contrast's foreground box
-    (so a second contrast, on its own intensity scale, does not move the box), and normalise the
-    PET as ``pet_normalization`` says."""
+    (so a second contrast, on its own intensity scale, does not move the box), record the MRI's
+    percentiles there (``MriRanged``), and normalise the PET as ``pet_normalization`` says."""
     keys = list(keys)
     steps = [LoadVolumesd(keys)] if load else []
     steps += [
@@ -200,12 +247,16 @@ def stage1(spacing, margin: int, keys=("mri", "pet"), load: bool = True, pet_nor
         steps.append(PetOnMriGridd())
     steps.append(CropForegroundd(keys, source_key="mri", select_fn=is_foreground, channel_indices=0, margin=margin,
                                  allow_smaller=True))
+    steps.append(MriRanged())
     if pet_normalization == "global_mean" and "pet" in keys:
         steps.append(NormalizeGlobalMeand("pet"))
     return Compose(steps)
 
 
-def scale_mri() -> ScaleIntensityRangePercentilesd:
+def scale_mri(mri_scaling: str) -> MapTransform:
+    """The MRI's scaling to [-0.5, 0.5] that ``Preprocessing.mri_scaling`` names."""
+    if mri_scaling == "foreground_box":
+        return ScaleMriRanged()
     lower, upper = MRI_PERCENTILES
     return ScaleIntensityRangePercentilesd("mri", lower=lower, upper=upper, b_min=-0.5, b_max=0.5,
                                            clip=True, channel_wise=True)
@@ -218,7 +269,7 @@ def stage2(prep: Preprocessing, train: bool, keys=("mri", "pet")) -> Compose:
     if train:
         steps.append(RandAffined(keys, prob=0.5, rotate_range=(0.05, 0.05, 0.05), scale_range=(0.05, 0.05, 0.05),
                                  mode="bilinear", padding_mode="zeros"))
-    steps.append(scale_mri())
+    steps.append(scale_mri(prep.mri_scaling))
     if "pet" in keys:
         steps.append(ScaleIntensityRanged("pet", a_min=0.0, a_max=prep.pet_scale, b_min=PET_ZERO,
                                          b_max=PET_ZERO + 1.0))

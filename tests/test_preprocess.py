@@ -1,4 +1,5 @@
-"""Preprocessing: the crop box comes from the first MRI contrast alone; PET global-mean normalisation."""
+"""Preprocessing: the crop box comes from the first MRI contrast alone; the MRI's scaling; PET
+global-mean normalisation."""
 
 import numpy as np
 import pytest
@@ -15,6 +16,7 @@ from medflow.preprocess import (
     level_summary,
     pet_to_units,
     stage1,
+    stage2,
 )
 
 
@@ -27,6 +29,60 @@ def test_crop_box_follows_the_first_contrast_only():
     both = stage1((1.0, 1.0, 1.0), 0, keys=["mri"], load=False)({"mri": mri})["mri"]
     assert tuple(alone.shape[1:]) == (10, 14, 6)
     assert tuple(both.shape[1:]) == (10, 14, 6)
+
+
+def mri_on_grids(grids, mri_scaling: str) -> list[np.ndarray]:
+    """A two-contrast head box, stage 1 (4 mm, no resampling) then stage 2 (evaluation) into each
+    grid, its centre cut back to the box: [2, 20, 24, 20] per grid."""
+    rng = np.random.default_rng(0)
+    head = np.zeros((2, 20, 24, 20), np.float32)
+    head[0, 2:18, 2:22, 2:18] = 50.0 + 100.0 * rng.random((16, 20, 16))
+    head[1, 2:18, 2:22, 2:18] = 900.0 + 3000.0 * rng.random((16, 20, 16))
+    affine = torch.diag(torch.tensor([4.0, 4.0, 4.0, 1.0], dtype=torch.float64))
+    box = stage1((4.0, 4.0, 4.0), 2, keys=["mri"], load=False)({"mri": MetaTensor(torch.from_numpy(head),
+                                                                                   affine=affine)})
+    assert tuple(box["mri"].shape[1:]) == (20, 24, 20)
+    cuts = []
+    for grid in grids:
+        out = stage2(Preprocessing((4.0, 4.0, 4.0), grid, mri_scaling=mri_scaling), train=False, keys=["mri"])(box)
+        assert out["mri"].applied_operations[-1]["class"] == "ResizeWithPadOrCrop"  # synthesis inverts it
+        start = [(g - b) // 2 for g, b in zip(grid, (20, 24, 20))]
+        cuts.append(np.asarray(out["mri"][:, start[0]:start[0] + 20, start[1]:start[1] + 24, start[2]:start[2] + 20]))
+    return box, cuts
+
+
+def test_mri_scaling_maps_the_box_percentiles_in_any_grid():
+    """Oracle: numpy's 0th and 99.5th percentiles of each contrast over the foreground box, mapped
+    linearly to [-0.5, 0.5] and clipped; the same head comes out the same in a tight and a loose
+    grid, and the padding at -0.5."""
+    box, (tight, loose) = mri_on_grids([(24, 24, 24), (48, 48, 40)], "foreground_box")
+    head = np.asarray(box["mri"])
+    low, high = np.percentile(head, 0.0, axis=(1, 2, 3)), np.percentile(head, 99.5, axis=(1, 2, 3))
+    np.testing.assert_allclose(box["mri_range"].numpy(), np.stack([low, high], axis=1), rtol=1e-6)
+    expected = np.clip((head - low[:, None, None, None]) / (high - low)[:, None, None, None] - 0.5, -0.5, 0.5)
+    np.testing.assert_allclose(tight, expected, atol=1e-6)
+    np.testing.assert_array_equal(tight, loose)
+
+
+def test_models_from_before_mri_scaling_scale_on_the_padded_grid():
+    """Oracle: MONAI's ScaleIntensityRangePercentilesd on the padded grid, which is what their
+    training did; there a head in a looser grid comes out brighter."""
+    from monai.transforms import ResizeWithPadOrCropd, ScaleIntensityRangePercentilesd
+
+    old = Preprocessing.from_dict({"spacing": [4, 4, 4], "grid": [24, 24, 24], "pet_scale": 3.0})
+    assert old.mri_scaling == "padded_grid"
+    assert Preprocessing((4.0, 4.0, 4.0), (24, 24, 24)).mri_scaling == "foreground_box"
+    assert Preprocessing.from_dict(Preprocessing((4.0,) * 3, (8, 8, 8)).to_dict()).mri_scaling == "foreground_box"
+    box, (tight, loose) = mri_on_grids([(24, 24, 24), (48, 48, 40)], "padded_grid")
+    padded = ResizeWithPadOrCropd("mri", spatial_size=(24, 24, 24), mode="constant")({"mri": box["mri"]})
+    expected = ScaleIntensityRangePercentilesd("mri", 0.0, 99.5, -0.5, 0.5, clip=True, channel_wise=True)(padded)
+    np.testing.assert_array_equal(tight, np.asarray(expected["mri"])[:, 2:22, :, 2:22])
+    assert loose[0][tight[0] > -0.5].mean() > tight[0][tight[0] > -0.5].mean() + 0.01
+
+
+def test_an_unknown_mri_scaling_is_refused():
+    with pytest.raises(ValueError, match="unknown mri_scaling 'global'"):
+        Preprocessing.from_dict({"spacing": [4, 4, 4], "grid": [8, 8, 8], "pet_scale": 1.0, "mri_scaling": "global"})
 
 
 def test_global_mean_is_spm_global():

@@ -323,6 +323,37 @@ def test_a_run_stopped_before_its_end_cannot_check_its_inputs(trained, tmp_path)
     assert not (tmp_path / "refused.nii.gz").exists()
 
 
+def test_a_model_from_before_mri_scaling_keeps_its_padded_grid_scaling(trained, tmp_path):
+    """A config.json whose preprocessing has no "mri_scaling" (models trained before it existed)
+    scales the MRI on the padded grid, as its training did: same seed, another input to the flow,
+    another PET. An unknown value is a one-line model error naming config.json (exit 5)."""
+    from medflow.checkpoint import read_config, write_config
+
+    run, data = trained
+    assert read_config(run)["preprocessing"]["mri_scaling"] == "foreground_box"
+    mri = data / "sub-01_t1.nii.gz"
+    outputs = {}
+    for scaling in ("foreground_box", None, "global"):
+        model = tmp_path / f"model-{scaling}"
+        shutil.copytree(run, model)
+        config = read_config(model)
+        if scaling is None:
+            del config["preprocessing"]["mri_scaling"]
+        else:
+            config["preprocessing"]["mri_scaling"] = scaling
+        write_config(model, config)
+        out = tmp_path / f"pet-{scaling}.nii.gz"
+        result = cli("synthesize", mri, out, "--model", model, "--seed", "3")
+        if scaling == "global":
+            assert result.exit_code == 5 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+            assert "config.json: incomplete or invalid (unknown mri_scaling 'global'" in result.stderr
+            assert not out.exists()
+        else:
+            assert result.exit_code == 0, result.stderr
+            outputs[scaling] = nib.load(out).get_fdata()
+    assert not np.allclose(outputs["foreground_box"], outputs[None], atol=1e-3)
+
+
 def test_a_head_larger_than_the_model_grid_is_a_quality_warning(trained, tmp_path):
     """The training heads set the grid (16 voxels of 6 mm here); a head of about 130 mm does not fit,
     so the PET would be zero where the grid cuts it: a warning naming the file, in a batch a
