@@ -391,8 +391,10 @@ def evaluate(
     Conventions: metrics inside --mask (else the reference foreground: > 1 % of its 99.5th percentile, closed
     with a 3x3x3 cross twice, holes filled);
     data range = max - min of the reference inside the mask unless --data-range; PSNR = 10 log10(range^2/MSE),
-    capped at 999 dB for identical images; SSIM = scikit-image 3D SSIM (Gaussian sigma 1.5) averaged over the
-    mask; NMSE = sum (pred-ref)^2 / sum ref^2; MAE in the reference's units. Different grids are an error.
+    capped at 999 dB for identical images; SSIM = scikit-image 3D SSIM (Gaussian sigma 1.5) of both volumes set
+    to 0 outside the mask, averaged over the mask voxels at least 5 voxels from the volume's edge (so it depends
+    only on the voxels inside the mask); NMSE = sum (pred-ref)^2 / sum ref^2; MAE in the reference's units.
+    Different grids are an error.
 
     Example: medflow evaluate out/ demo/data/pet/ --mask demo/data/mask/ --json metrics.json
     """

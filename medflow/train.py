@@ -376,7 +376,7 @@ class Trainer:
             if normalization != "none":
                 self.prep.pet_level, self.prep.pet_level_moments = level_summary(
                     [item["pet_global"] for item in self.train_cache])
-            s["preprocessing"] = self.prep.to_dict()
+        s["preprocessing"] = self.prep.to_dict()  # a resumed run's record, with the defaults it reads spelt out
         model = s["model"]
         per_voxel = 1 if self.opts.recompute else 2 * sum(model["steps"])
         check_fits(int(np.prod(self.prep.grid)) // 8 * self.batch_size, model["hidden"] * per_voxel, self.device,

@@ -565,6 +565,25 @@ def test_parameter_groups_give_the_injector_its_own_learning_rate():
     assert len(medflow.train.parameter_groups(plain, 1e-3, 3.0)) == 1
 
 
+def test_a_run_from_before_mri_scaling_resumes_with_the_padded_grid_scaling(pairs, tmp_path):
+    """A new run records the foreground-box MRI scaling; a run whose records predate the field
+    resumes with the padded grid's scaling it was trained with, and records it by name."""
+    run = tmp_path / "run"
+    args = ["--preset", "tiny", "--steps", "2", "--checkpoint-every", "1", "--val-fraction", "0", "--device", "cpu",
+            "--spacing", "6"]
+    assert run_cli("train", pairs, "--out", run, *args).returncode == 0
+    config = read_config(run)
+    assert config["preprocessing"]["mri_scaling"] == config["settings"]["preprocessing"]["mri_scaling"] == \
+        "foreground_box"
+    del config["preprocessing"]["mri_scaling"], config["settings"]["preprocessing"]["mri_scaling"]
+    write_config(run, config)
+    resumed = run_cli("train", pairs, "--out", run, "--steps", "3", "--resume", "--device", "cpu")
+    assert resumed.returncode == 0, resumed.stderr
+    config = read_config(run)
+    assert config["preprocessing"]["mri_scaling"] == config["settings"]["preprocessing"]["mri_scaling"] == \
+        "padded_grid"
+
+
 def test_injector_lr_scale_is_recorded_and_old_runs_resume_with_one_group(pairs, tmp_path):
     """The preset's injector_lr_scale is recorded in the run and trains the injector at its own
     rate; a run whose settings predate it resumes with one learning rate even where its preset
