@@ -519,12 +519,16 @@ class Trainer:
     # ----- validation ---------------------------------------------------------------------
     @torch.no_grad()
     def validate(self) -> dict:
+        """Mean PET bits per voxel over the validation subjects, and mean PSNR and SSIM of the
+        T = 0 syntheses of the first ``val_samples`` of them (those that can be scored). Under
+        torchrun each rank takes every world_size-th subject and the sums are all-reduced, so every
+        rank returns the same means."""
         model = self.ema.module if self.ema else self.model
         model.eval()
-        bpv, psnr, ssim = [], [], []
-        for index, item in enumerate(self.val_cache):
-            mri, pet, side = self.eval_item(item)
-            bpv.append(model.log_prob(pet, mri, side)["pet_bpv"].item())
+        sums = {"bpv": [], "psnr": [], "ssim": []}
+        for index in range(self.dist.rank, len(self.val_cache), self.dist.world_size):
+            mri, pet, side = self.eval_item(self.val_cache[index])
+            sums["bpv"].append(model.log_prob(pet, mri, side)["pet_bpv"].item())
             if index < self.opts.val_samples:
                 pred = pet_to_units(model.sample(mri, temperature=0.0, side=side)[0, 0, 0], self.prep).cpu().numpy()
                 ref = pet_to_units(pet[0, 0], self.prep).cpu().numpy()
@@ -532,11 +536,15 @@ class Trainer:
                     m = compute_metrics(pred, ref)
                 except ValueError:
                     continue
-                psnr.append(m["psnr"])
-                ssim.append(m["ssim"])
+                sums["psnr"].append(m["psnr"])
+                sums["ssim"].append(m["ssim"])
         self.model.train()
-        return {"val_pet_bpv": float(np.mean(bpv)), "val_psnr": float(np.mean(psnr)) if psnr else float("nan"),
-                "val_ssim": float(np.mean(ssim)) if ssim else float("nan")}
+        totals = torch.tensor([x for values in sums.values() for x in (sum(values), len(values))],
+                              dtype=torch.float64, device=self.device)
+        if self.dist.enabled:
+            dist.all_reduce(totals)
+        means = [total / count if count else float("nan") for total, count in totals.view(-1, 2).tolist()]
+        return dict(zip(("val_pet_bpv", "val_psnr", "val_ssim"), means))
 
     # ----- the loop -----------------------------------------------------------------------
     def _all_agree(self, flag: bool) -> bool:

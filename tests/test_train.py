@@ -451,6 +451,59 @@ def test_ranks_that_resumed_from_different_steps_find_out_together(tmp_path, val
     assert found == {0: agree, 1: agree}
 
 
+def _validation(rank: int, world_size: int) -> tuple[list[int], dict]:
+    """``Trainer.validate`` as rank ``rank`` of ``world_size`` on five random subjects (a tiny
+    untrained model, seed 0): the subjects it read and the means it returned."""
+    from medflow.device import Distributed
+    from medflow.preprocess import Preprocessing
+
+    torch.manual_seed(0)
+    model = DualGlow.from_preset("tiny")
+    generator = torch.Generator().manual_seed(1)
+    cache = [(torch.rand(1, 1, 16, 16, 16, generator=generator) - 0.5,
+              torch.rand(1, 1, 16, 16, 16, generator=generator) - 0.5) for _ in range(5)]
+    seen = []
+
+    def eval_item(item):
+        seen.append(next(i for i, cached in enumerate(cache) if cached is item))
+        return (*item, None)
+
+    trainer = SimpleNamespace(model=model, ema=None, val_cache=cache, eval_item=eval_item, device=torch.device("cpu"),
+                              opts=SimpleNamespace(val_samples=3), prep=Preprocessing((6.0,) * 3, (16, 16, 16), 2.0),
+                              dist=Distributed(rank, rank, world_size))
+    return seen, Trainer.validate(trainer)
+
+
+def _validate_on_rank(rank: int, init_file: str, results) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        results.put((rank, _validation(rank, 2)))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ranks_share_the_validation_and_agree_on_its_means(tmp_path):
+    """Oracle: one process validating all five subjects. Two gloo ranks read subjects 0, 2, 4 and
+    1, 3 (each synthesis among the first three on the rank that reads it) and both return the
+    single process's means of bits per voxel, PSNR and SSIM."""
+    seen, expected = _validation(0, 1)
+    assert seen == [0, 1, 2, 3, 4] and all(np.isfinite(v) for v in expected.values())
+    context = torch.multiprocessing.get_context("spawn")
+    results = context.Queue()
+    workers = [context.Process(target=_validate_on_rank, args=(rank, str(tmp_path / "init"), results))
+               for rank in range(2)]
+    for worker in workers:
+        worker.start()
+    found = dict(results.get(timeout=120) for _ in workers)
+    for worker in workers:
+        worker.join(timeout=60)
+    assert [found[0][0], found[1][0]] == [[0, 2, 4], [1, 3]]
+    for _, means in found.values():
+        assert means == pytest.approx(expected, rel=1e-9)
+
+
 def test_pet_normalisation_is_recorded_and_sets_the_output_level(pairs, tmp_path):
     """The presets' global-mean normalisation stores the training PETs' median global mean as the
     level synthetic PETs are written at; ``--pet-normalization none`` keeps PET units as given."""
