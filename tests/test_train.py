@@ -421,37 +421,47 @@ def test_ddp_two_processes_on_cpu(pairs, tmp_path):
     assert load_state(run / "final.pt")["step"] == 4
 
 
-def _agree_on(rank: int, init_file: str, values: tuple[int, int], results) -> None:
-    """One of two gloo processes: does ``Trainer._all_agree_on`` see the same value on both?"""
+def _on_gloo_rank(rank: int, init_file: str, work, args: tuple, results) -> None:
+    """Rank ``rank`` of a two-process gloo group: puts (rank, work(rank, *args)) on ``results``."""
     import torch.distributed as dist
-
-    from medflow.device import Distributed
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     try:
-        trainer = SimpleNamespace(dist=Distributed(rank, rank, 2), device=torch.device("cpu"))
-        results.put((rank, Trainer._all_agree_on(trainer, values[rank])))
+        results.put((rank, work(rank, *args)))
     finally:
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("values, agree", [((7, 7), True), ((6, 7), False)])
-def test_ranks_that_resumed_from_different_steps_find_out_together(tmp_path, values, agree):
-    """Without storage that every node shares, ranks can load different checkpoints; every rank
-    learns it from one collective (and stops with the same error) instead of training on apart."""
+def on_two_gloo_ranks(tmp_path: Path, work, *args) -> dict:
+    """{rank: work(rank, *args)} from two spawned processes in one gloo group (``work`` module-level)."""
     context = torch.multiprocessing.get_context("spawn")
     results = context.Queue()
-    workers = [context.Process(target=_agree_on, args=(rank, str(tmp_path / "init"), values, results))
+    workers = [context.Process(target=_on_gloo_rank, args=(rank, str(tmp_path / "init"), work, args, results))
                for rank in range(2)]
     for worker in workers:
         worker.start()
     found = dict(results.get(timeout=120) for _ in workers)
     for worker in workers:
         worker.join(timeout=60)
-    assert found == {0: agree, 1: agree}
+    return found
 
 
-def _validation(rank: int, world_size: int) -> tuple[list[int], dict]:
+def _agree_on(rank: int, values: tuple[int, int]) -> bool:
+    """Does ``Trainer._all_agree_on`` see the same value on both ranks?"""
+    from medflow.device import Distributed
+
+    trainer = SimpleNamespace(dist=Distributed(rank, rank, 2), device=torch.device("cpu"))
+    return Trainer._all_agree_on(trainer, values[rank])
+
+
+@pytest.mark.parametrize("values, agree", [((7, 7), True), ((6, 7), False)])
+def test_ranks_that_resumed_from_different_steps_find_out_together(tmp_path, values, agree):
+    """Without storage that every node shares, ranks can load different checkpoints; every rank
+    learns it from one collective (and stops with the same error) instead of training on apart."""
+    assert on_two_gloo_ranks(tmp_path, _agree_on, values) == {0: agree, 1: agree}
+
+
+def _validation(rank: int, world_size: int = 2) -> tuple[list[int], dict]:
     """``Trainer.validate`` as rank ``rank`` of ``world_size`` on five random subjects (a tiny
     untrained model, seed 0): the subjects it read and the means it returned."""
     from medflow.device import Distributed
@@ -474,31 +484,13 @@ def _validation(rank: int, world_size: int) -> tuple[list[int], dict]:
     return seen, Trainer.validate(trainer)
 
 
-def _validate_on_rank(rank: int, init_file: str, results) -> None:
-    import torch.distributed as dist
-
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
-    try:
-        results.put((rank, _validation(rank, 2)))
-    finally:
-        dist.destroy_process_group()
-
-
 def test_ranks_share_the_validation_and_agree_on_its_means(tmp_path):
     """Oracle: one process validating all five subjects. Two gloo ranks read subjects 0, 2, 4 and
     1, 3 (each synthesis among the first three on the rank that reads it) and both return the
     single process's means of bits per voxel, PSNR and SSIM."""
     seen, expected = _validation(0, 1)
     assert seen == [0, 1, 2, 3, 4] and all(np.isfinite(v) for v in expected.values())
-    context = torch.multiprocessing.get_context("spawn")
-    results = context.Queue()
-    workers = [context.Process(target=_validate_on_rank, args=(rank, str(tmp_path / "init"), results))
-               for rank in range(2)]
-    for worker in workers:
-        worker.start()
-    found = dict(results.get(timeout=120) for _ in workers)
-    for worker in workers:
-        worker.join(timeout=60)
+    found = on_two_gloo_ranks(tmp_path, _validation)
     assert [found[0][0], found[1][0]] == [[0, 2, 4], [1, 3]]
     for _, means in found.values():
         assert means == pytest.approx(expected, rel=1e-9)
