@@ -525,10 +525,10 @@ class Trainer:
         rank returns the same means."""
         model = self.ema.module if self.ema else self.model
         model.eval()
-        sums = {"bpv": [], "psnr": [], "ssim": []}
+        scores = {"bpv": [], "psnr": [], "ssim": []}
         for index in range(self.dist.rank, len(self.val_cache), self.dist.world_size):
             mri, pet, side = self.eval_item(self.val_cache[index])
-            sums["bpv"].append(model.log_prob(pet, mri, side)["pet_bpv"].item())
+            scores["bpv"].append(model.log_prob(pet, mri, side)["pet_bpv"].item())
             if index < self.opts.val_samples:
                 pred = pet_to_units(model.sample(mri, temperature=0.0, side=side)[0, 0, 0], self.prep).cpu().numpy()
                 ref = pet_to_units(pet[0, 0], self.prep).cpu().numpy()
@@ -536,10 +536,10 @@ class Trainer:
                     m = compute_metrics(pred, ref)
                 except ValueError:
                     continue
-                sums["psnr"].append(m["psnr"])
-                sums["ssim"].append(m["ssim"])
+                scores["psnr"].append(m["psnr"])
+                scores["ssim"].append(m["ssim"])
         self.model.train()
-        totals = torch.tensor([x for values in sums.values() for x in (sum(values), len(values))],
+        totals = torch.tensor([x for values in scores.values() for x in (sum(values), len(values))],
                               dtype=torch.float64, device=self.device)
         if self.dist.enabled:
             dist.all_reduce(totals)
