@@ -46,6 +46,7 @@ from medflow.calibration import (
 )
 from medflow.imageio import write_bytes_atomic
 from medflow.measure import MIB, Case, usable_cores, volume_text
+from medflow.optimizer import adamw
 
 QUALITY_STEPS = 300  # medflow training steps in the quality section
 QUALITY_TRAIN_SUBJECTS = 24  # demo subjects medflow and the U-Net train on (validation included)
@@ -271,7 +272,7 @@ def train_unet(trainer, progress: Progress, budget_s: float | None = None, steps
     net = unet_with_medflow_layers(BasicUNet(spatial_dims=3, in_channels=len(trainer.settings["mri_columns"]),
                                              out_channels=1, features=(16, 16, 32, 64, 128, 16)))
     net = place_model(net, trainer.device)
-    optimizer = torch.optim.AdamW(net.parameters(), lr=1e-3)
+    optimizer = adamw(net.parameters(), lr=1e-3)
     total = steps  # with a time budget, known once timed
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, 0, s / max(1, total - 1) if total else None))
@@ -603,7 +604,8 @@ def speed_markdown(configs: list[SpeedConfig], results: list[list[dict]], device
     timed = ", ".join(f"{c.timed} for {c.preset}" for c in configs)
     return f"""## 1. Training speed and memory ({device})
 
-One training step = forward, backward and one AdamW step on batch 1 (random volumes), after
+One training step = forward, backward and one AdamW step on batch 1 (random volumes; for medflow
+and the peer alike, PyTorch's fused AdamW kernel where this torch has one, `medflow.optimizer.adamw`), after
 ActNorm was initialised by one training-mode forward without gradients. Every case ran
 {times_text(speed_rounds(device))}, each in a fresh process; on a CPU all cases in one order and then in the
 reverse order, so that a drift in the machine's speed falls on every implementation alike.
@@ -874,7 +876,7 @@ Demo data from `medflow.demo_data.make_demo_dataset` (recipe version {RECIPE_VER
 `small` (`medflow.train.Trainer`: {result['spacing'][0]:g} mm spacing of the preset, model grid
 {volume_text(result['grid'])}, batch {result['batch_size']}) and a MONAI `BasicUNet` (features 16, 16, 32,
 64, 128, 16, with the layers medflow's injector runs it with, `flows.injector.unet_with_medflow_layers`;
-L1 loss from scaled MRI to scaled PET; AdamW, lr 1e-3) each trained for
+L1 loss from scaled MRI to scaled PET; AdamW as medflow's, lr 1e-3) each trained for
 {result['budget_s']:.0f} s of wall-clock time on the same batches (same preprocessing, augmentation
 and batch size; seed {result['seed']}): {result['flow_steps']} medflow steps (`--quality-steps`; the time is what they took
 with the validations and checkpoints on the way, not the final validation and the temperature calibration), then

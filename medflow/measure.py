@@ -19,6 +19,8 @@ from pathlib import Path
 
 import torch
 
+from medflow.optimizer import adamw
+
 MIB = 2.0**20
 
 
@@ -199,7 +201,7 @@ def measure(case: Case) -> dict:
     model, init_s = initialised_model(case, device)
     mri, pet = example_pair(case.shape, device, case.batch)
     if case.task == "train":
-        run = partial(train_step, model, torch.optim.AdamW(model.parameters(), lr=1e-4), pet, mri)
+        run = partial(train_step, model, adamw(model.parameters(), lr=1e-4), pet, mri)
     else:
         model.eval()
         run = partial(model.sample, mri, case.temperature, case.samples)
@@ -253,7 +255,7 @@ def measure_largest_batch(case: Case) -> dict:
     (``largest_batch``, all tries in this one process) and the first failure above it ("limit")."""
     device = torch.device(case.device)
     model, _ = initialised_model(case, device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    optimizer = adamw(model.parameters(), lr=1e-4)
     failures: list[str] = []
     batch = largest_batch(partial(step_fits, model, optimizer, case.shape, device, failures,
                                   case.warmup + case.timed), case.batch)

@@ -30,6 +30,7 @@ from medflow.imageio import check_folder_creatable, make_folder
 from medflow.manifest import Subject, read_manifest
 from medflow.metrics import compute_metrics
 from medflow.model import DualGlow, DualGlowConfig, bits_per_voxel
+from medflow.optimizer import adamw, with_kernel_of
 from medflow.preprocess import (
     PET_NORMALIZATIONS,
     Preprocessing,
@@ -219,8 +220,8 @@ class Trainer:
         self.model = place_model(DualGlow(DualGlowConfig.from_dict(self.settings["model"])), self.device)
         self.model.set_recompute(opts.recompute)
         self.model.set_subnet_bf16(opts.bf16 and self.device.type == "cuda")
-        self.optimizer = torch.optim.AdamW(parameter_groups(self.model, self.lr, self.injector_lr_scale),
-                                           lr=self.lr, weight_decay=opts.weight_decay)
+        self.optimizer = adamw(parameter_groups(self.model, self.lr, self.injector_lr_scale),
+                               lr=self.lr, weight_decay=opts.weight_decay)
         self.total_steps = self._total_steps()
         self.elapsed_before = self.clock = 0.0
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -494,7 +495,7 @@ class Trainer:
         peaks = [group["initial_lr"] for group in self.optimizer.param_groups]  # the run's --lr, maybe new
         try:
             self.model.load_state_dict(state["model"])
-            self.optimizer.load_state_dict(state["optimizer"])
+            self.optimizer.load_state_dict(with_kernel_of(state["optimizer"], self.optimizer))
         except (KeyError, RuntimeError, ValueError) as exc:
             raise ModelError(f"{path}: cannot resume from it ({str(exc).splitlines()[0][:160]})") from None
         self.scheduler.load_state_dict(state["scheduler"])

@@ -165,6 +165,23 @@ def test_resume_with_a_new_lr_trains_on_at_that_peak(pairs, tmp_path, monkeypatc
     assert read_config(run)["settings"]["train"]["lr"] == 1e-4
 
 
+def test_a_run_checkpointed_on_the_default_adamw_resumes_on_the_fused_kernel(pairs, tmp_path):
+    """Checkpoints of runs from before medflow.optimizer (AdamW's groups record fused None) resume
+    on the kernel this machine has, not the one the saving machine used."""
+    run = tmp_path / "run"
+    quiet_trainer(data=pairs, out=run, steps=2, checkpoint_every=1).run(Progress(disable=True))
+    (run / "final.pt").unlink()
+    newest = step_checkpoints(run)[0]
+    state = load_state(newest)
+    for group in state["optimizer"]["param_groups"]:
+        group["fused"] = None
+    save_state(newest, state)
+    resumed = quiet_trainer(data=pairs, out=run, resume=True, steps=3)
+    resumed.resume()
+    assert resumed.step == 2 and [g["fused"] for g in resumed.optimizer.param_groups] == [True]
+    assert resumed.optimizer.state_dict()["state"][0]["exp_avg"].abs().sum() > 0, "the saved moments"
+
+
 def test_a_new_ema_on_resume_starts_from_the_resumed_weights(pairs, tmp_path):
     """--resume --ema D --steps N at the step it stopped at runs no step: final.pt must be the
     checkpoint's weights (before, the average of none: the initial random weights)."""
