@@ -17,10 +17,17 @@ from pathlib import Path
 
 import torch
 
+from medflow import __version__
 from medflow.errors import ModelError
 from medflow.imageio import write_bytes_atomic
 
 CHECKPOINT_DIR = "checkpoints"
+CONFIG_FORMAT = 2
+"""Format of the config.json this medflow writes, and the newest it reads. Raised whenever a
+config written from then on would be misread by a medflow that reads the formats before it: a new
+key whose absence already means something (as ``preprocessing.mri_scaling``'s absence means the
+padded grid), or a new model option an older medflow would ignore. Format 1: configs from before
+the format was recorded."""
 
 
 def sha256_bytes(data: bytes) -> str:
@@ -100,14 +107,27 @@ def latest_valid_step(run_dir: Path, warn=None) -> tuple[Path, dict] | None:
 
 
 def write_config(run_dir: Path, config: dict) -> None:
-    write_bytes_atomic(Path(run_dir) / "config.json", (json.dumps(config, indent=2) + "\n").encode(), overwrite=True)
+    """``RUN/config.json``, atomically, recording ``CONFIG_FORMAT`` as ``config_format``."""
+    text = json.dumps({**config, "config_format": CONFIG_FORMAT}, indent=2) + "\n"
+    write_bytes_atomic(Path(run_dir) / "config.json", text.encode(), overwrite=True)
 
 
 def read_config(run_dir: Path) -> dict:
+    """``RUN/config.json``; a one-line ModelError when it is missing, unreadable, not a JSON
+    object, or of a format newer than ``CONFIG_FORMAT`` (written by a newer medflow)."""
     path = Path(run_dir) / "config.json"
     try:
-        return json.loads(path.read_text())
+        config = json.loads(path.read_text())
     except FileNotFoundError:
         raise ModelError(f"{run_dir}: not a medflow model folder (no config.json)") from None
-    except (OSError, json.JSONDecodeError) as exc:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ModelError(f"{path}: unreadable ({exc})") from None
+    if not isinstance(config, dict):
+        raise ModelError(f"{path}: not a medflow config (a JSON {type(config).__name__}, not an object)")
+    found = config.get("config_format", 1)
+    if isinstance(found, bool) or not isinstance(found, int) or found < 1:
+        raise ModelError(f"{path}: config_format must be a positive whole number, got {found!r}")
+    if found > CONFIG_FORMAT:
+        raise ModelError(f"{path}: written by medflow {config.get('medflow_version', '(unknown)')} in config format "
+                         f"{found}; this medflow {__version__} reads formats up to {CONFIG_FORMAT}: upgrade medflow")
+    return config

@@ -354,6 +354,33 @@ def test_a_model_from_before_mri_scaling_keeps_its_padded_grid_scaling(trained, 
     assert not np.allclose(outputs["foreground_box"], outputs[None], atol=1e-3)
 
 
+@pytest.mark.parametrize("problem", ["newer", "text", "zero", "list"])
+def test_a_config_of_a_newer_format_or_not_a_config_is_refused_in_one_line(trained, tmp_path, problem):
+    """A model folder from a newer medflow (config_format above this one's) may mean something
+    this medflow would misread, so it is refused (exit 5) naming config.json, with no output;
+    so are an invalid config_format and a config.json that is not a JSON object."""
+    from medflow.checkpoint import CONFIG_FORMAT, read_config
+
+    run, data = trained
+    config = read_config(run)
+    assert config["config_format"] == CONFIG_FORMAT
+    model = tmp_path / "model"
+    shutil.copytree(run, model)
+    config["medflow_version"] = "9.1"
+    config["config_format"] = {"newer": CONFIG_FORMAT + 1, "text": str(CONFIG_FORMAT), "zero": 0}.get(problem)
+    (model / "config.json").write_text(json.dumps([config] if problem == "list" else config))
+    out = tmp_path / "pet.nii.gz"
+    result = cli("synthesize", data / "sub-01_t1.nii.gz", out, "--model", model)
+    assert result.exit_code == 5 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    message = " ".join(result.stderr.split())
+    assert f"{model / 'config.json'}: " in message and not out.exists()
+    assert {"newer": f"written by medflow 9.1 in config format {CONFIG_FORMAT + 1}; this medflow",
+            "text": f"config_format must be a positive whole number, got '{CONFIG_FORMAT}'",
+            "zero": "config_format must be a positive whole number, got 0",
+            "list": "not a medflow config (a JSON list, not an object)"}[problem] in message
+    assert problem != "newer" or f"reads formats up to {CONFIG_FORMAT}: upgrade medflow" in message
+
+
 def test_a_head_larger_than_the_model_grid_is_a_quality_warning(trained, tmp_path):
     """The training heads set the grid (16 voxels of 6 mm here); a head of about 130 mm does not fit,
     so the PET would be zero where the grid cuts it: a warning naming the file, in a batch a

@@ -2,6 +2,7 @@
 
 import csv
 import hashlib
+import json
 import os
 import pickle
 import re
@@ -128,6 +129,21 @@ def test_a_resumed_run_refuses_other_data_model_or_batch_size(pairs, tmp_path):
         with pytest.raises(InputError, match=re.escape(named)):
             quiet_trainer(**{"data": pairs, "out": run, "resume": True, "steps": 2, **options})
     assert read_config(run)["settings"]["data"] == str(pairs.resolve())
+
+
+def test_a_run_of_a_newer_config_format_is_not_resumed(pairs, tmp_path):
+    """--resume of a run a newer medflow wrote (config_format above this one's) is a one-line
+    model error before anything in the run folder changes."""
+    from medflow.checkpoint import CONFIG_FORMAT
+
+    run = tmp_path / "run"
+    run.mkdir()
+    config = run / "config.json"
+    config.write_text(json.dumps({"config_format": CONFIG_FORMAT + 1, "medflow_version": "9.1", "settings": {}}))
+    before = config.read_bytes()
+    with pytest.raises(ModelError, match=rf"config.json: written by medflow 9.1 in config format {CONFIG_FORMAT + 1}"):
+        quiet_trainer(data=pairs, out=run, resume=True, steps=2)
+    assert config.read_bytes() == before and sorted(p.name for p in run.iterdir()) == ["config.json"]
 
 
 def test_a_resumed_run_whose_data_moved_reads_the_commands_data(pairs, tmp_path):
