@@ -354,11 +354,12 @@ def test_a_model_from_before_mri_scaling_keeps_its_padded_grid_scaling(trained, 
     assert not np.allclose(outputs["foreground_box"], outputs[None], atol=1e-3)
 
 
-@pytest.mark.parametrize("problem", ["newer", "text", "zero", "list"])
+@pytest.mark.parametrize("problem", ["newer", "text", "zero", "list", None])
 def test_a_config_of_a_newer_format_or_not_a_config_is_refused_in_one_line(trained, tmp_path, problem):
     """A model folder from a newer medflow (config_format above this one's) may mean something
     this medflow would misread, so it is refused (exit 5) naming config.json, with no output;
-    so are an invalid config_format and a config.json that is not a JSON object."""
+    so are an invalid config_format and a config.json that is not a JSON object. A config
+    without config_format (format 1, models from before it was recorded) is read."""
     from medflow.checkpoint import CONFIG_FORMAT, read_config
 
     run, data = trained
@@ -368,9 +369,14 @@ def test_a_config_of_a_newer_format_or_not_a_config_is_refused_in_one_line(train
     shutil.copytree(run, model)
     config["medflow_version"] = "9.1"
     config["config_format"] = {"newer": CONFIG_FORMAT + 1, "text": str(CONFIG_FORMAT), "zero": 0}.get(problem)
+    if problem is None:
+        del config["config_format"]
     (model / "config.json").write_text(json.dumps([config] if problem == "list" else config))
     out = tmp_path / "pet.nii.gz"
     result = cli("synthesize", data / "sub-01_t1.nii.gz", out, "--model", model)
+    if problem is None:
+        assert result.exit_code == 0 and out.exists(), result.stderr
+        return
     assert result.exit_code == 5 and len(result.stderr.strip().splitlines()) == 1, result.stderr
     message = " ".join(result.stderr.split())
     assert f"{model / 'config.json'}: " in message and not out.exists()
