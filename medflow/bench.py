@@ -605,7 +605,7 @@ def speed_markdown(configs: list[SpeedConfig], results: list[list[dict]], device
     return f"""## 1. Training speed and memory ({device})
 
 One training step = forward, backward and one AdamW step on batch 1 (random volumes; for medflow
-and the peer alike, PyTorch's fused AdamW kernel where this torch has one, `medflow.optimizer.adamw`), after
+and the peer alike, PyTorch's fused AdamW kernel, `medflow.optimizer.adamw`), after
 ActNorm was initialised by one training-mode forward without gradients. Every case ran
 {times_text(speed_rounds(device))}, each in a fresh process; on a CPU all cases in one order and then in the
 reverse order, so that a drift in the machine's speed falls on every implementation alike.

@@ -355,7 +355,7 @@ def test_a_model_from_before_mri_scaling_keeps_its_padded_grid_scaling(trained, 
 
 
 @pytest.mark.parametrize("problem", ["newer", "text", "zero", "list", None])
-def test_a_config_of_a_newer_format_or_not_a_config_is_refused_in_one_line(trained, tmp_path, problem):
+def test_newer_or_invalid_config_formats_are_refused_and_a_config_without_one_is_read(trained, tmp_path, problem):
     """A model folder from a newer medflow (config_format above this one's) may mean something
     this medflow would misread, so it is refused (exit 5) naming config.json, with no output;
     so are an invalid config_format and a config.json that is not a JSON object. A config
